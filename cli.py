@@ -1,0 +1,2 @@
+def main() -> int:
+    raise SystemExit("sdgraph CLI not built yet")
