@@ -1,0 +1,150 @@
+"""ComfyUI's API prompt format (the on-disk and wire format) parsed into a small graph model.
+
+`{"id": {"class_type": str, "inputs": {name: value}, "_meta": {"title": str}}}`: a value that is a list is
+a link `[node_id, output_index]`; `{"__value__": [...]}` is a constant list. The structure is checked with
+jsonschema here; links and constants are judged against node schemas in `engine.validate`. Unknown extra
+keys, in the prompt or in a node, are ignored as ComfyUI ignores them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jsonschema
+
+PROMPT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": {
+        "type": "object",
+        "required": ["class_type"],
+        "properties": {
+            "class_type": {"type": "string", "minLength": 1},
+            "inputs": {"type": "object"},
+            "_meta": {"type": "object", "properties": {"title": {"type": "string"}}},
+        },
+    },
+}
+
+
+class PromptFormatError(ValueError):
+    """The prompt is not an API-format prompt; `problems` lists every structural fault found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Link:
+    node_id: str
+    output_index: int
+
+    def to_api(self) -> list:
+        return [self.node_id, self.output_index]
+
+
+@dataclass(frozen=True)
+class BadLink:
+    """A list value that is not a well-formed `[node_id, output_index]`; kept so validation can name it."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class PromptNode:
+    id: str
+    class_type: str
+    inputs: Mapping[str, Any]
+    title: str | None = None
+
+    def links(self) -> Iterator[tuple[str, Link]]:
+        for name, value in self.inputs.items():
+            if isinstance(value, Link):
+                yield name, value
+
+    def constants(self) -> dict[str, Any]:
+        return {name: value for name, value in self.inputs.items() if not isinstance(value, (Link, BadLink))}
+
+
+@dataclass(frozen=True)
+class Workflow:
+    nodes: Mapping[str, PromptNode]
+
+    def __getitem__(self, node_id: str) -> PromptNode:
+        return self.nodes[node_id]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.nodes
+
+    def to_api(self) -> dict[str, Any]:
+        """Back to API JSON (constant lists wrapped in `__value__`, as current frontends write them)."""
+        return {node.id: _node_to_api(node) for node in self.nodes.values()}
+
+
+def _node_to_api(node: PromptNode) -> dict[str, Any]:
+    inputs = {}
+    for name, value in node.inputs.items():
+        if isinstance(value, Link):
+            inputs[name] = value.to_api()
+        elif isinstance(value, BadLink):
+            inputs[name] = value.value
+        else:
+            inputs[name] = {"__value__": value} if isinstance(value, list) else value
+    body: dict[str, Any] = {"class_type": node.class_type, "inputs": inputs}
+    if node.title is not None:
+        body["_meta"] = {"title": node.title}
+    return body
+
+
+def parse_prompt(prompt: Any) -> Workflow:
+    """Parse API-format JSON (already decoded); raises PromptFormatError listing every structural fault."""
+    problems = [_describe(error) for error in jsonschema.Draft202012Validator(PROMPT_SCHEMA).iter_errors(prompt)]
+    if problems:
+        raise PromptFormatError(sorted(problems))
+    nodes = {}
+    for node_id, body in prompt.items():
+        inputs = {name: parse_input_value(value) for name, value in body.get("inputs", {}).items()}
+        title = body.get("_meta", {}).get("title")
+        nodes[node_id] = PromptNode(id=node_id, class_type=body["class_type"], inputs=inputs, title=title)
+    return Workflow(nodes)
+
+
+def parse_input_value(value: Any) -> Any:
+    """A link, a BadLink, or a constant (with a `__value__` wrapper removed)."""
+    if isinstance(value, dict) and set(value) == {"__value__"}:
+        return value["__value__"]
+    if not isinstance(value, list):
+        return value
+    if len(value) == 2 and isinstance(value[0], (str, int)) and not isinstance(value[0], bool) \
+            and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 0:
+        # Some scripts write node ids as numbers ([4, 0]); ids are strings everywhere else.
+        return Link(str(value[0]), value[1])
+    return BadLink(value)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(part) for part in error.absolute_path) or "prompt"
+    if error.validator == "required":
+        return f"node {where!r}: missing 'class_type'"
+    if where == "prompt":
+        return f"the prompt must be a JSON object of nodes, got {type(error.instance).__name__}"
+    return f"{where}: {error.message}"
+
+
+def load_prompt_file(path: str | Path) -> dict[str, Any]:
+    """Read an API-format workflow file; UI-format files (what the editor saves) are refused by name."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise PromptFormatError([f"{path}: cannot read: {error}"]) from error
+    except json.JSONDecodeError as error:
+        raise PromptFormatError([f"{path}: not valid JSON: {error}"]) from error
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
+        raise PromptFormatError([f"{path}: this is a UI-format workflow (the editor's 'Save'); "
+                                 "export it with 'Save (API)' to run it"])
+    body = data.get("prompt") if isinstance(data, dict) else None
+    if isinstance(body, dict) and "class_type" not in body:
+        data = body  # the body of a POST /prompt request, not a node with id "prompt"
+    return data
