@@ -1,0 +1,307 @@
+"""Tiny random-weight SD1/SD2 checkpoints in the real file formats, for tests (model-formats 10).
+
+The layouts are the real ones at small width: a single file with LDM names and the right prefixes, and a
+diffusers folder that diffusers and transformers themselves load. Weights come from one seeded generator per
+component, drawn in the module's own key order, so the same seed gives the same tensors in every form (the
+round-trip tests depend on it). Norm weights are `1 + 0.1 randn` and biases `0.1 randn`, so a swapped or
+dropped norm key changes outputs (10.2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from diffusion.detection import HeadOverrides
+from diffusion.key_maps import (
+    unet_config_to_diffusers,
+    unet_state_dict_to_diffusers,
+    vae_config_to_diffusers,
+    vae_state_dict_to_diffusers,
+)
+from diffusion.text_encoders import (
+    SD1_CLIP_L,
+    SD2_OPENCLIP_H,
+    ClipTextEncoder,
+    TextEncoderConfig,
+    transformers_to_open_clip,
+)
+from diffusion.tokenizer import write_vocab_files
+from diffusion.unet import TINY_SD1_UNET, TINY_SD2_UNET, UNetConfig, UNetModel
+from diffusion.vae import TINY_VAE, AutoencoderKL, VAEConfig
+
+FAMILIES = ("sd1", "sd2")
+
+# Text towers at width 32 with the full vocabulary and 77 positions; 3 layers so CLIP skip has room. SD2's
+# projection is deliberately non-square so a missed transpose shows.
+TINY_SD1_TEXT = dataclasses.replace(SD1_CLIP_L, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=128)
+TINY_SD2_TEXT = dataclasses.replace(
+    SD2_OPENCLIP_H, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=128, projection_dim=24
+)
+
+# Offsets added to the seed per component, so a standalone VAE written with seed s equals the VAE inside
+# a checkpoint written with seed s.
+_UNET_STREAM, _VAE_STREAM, _TEXT_STREAM = 0, 1, 2
+_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+# The SD training schedule ("scaled_linear", 1000 steps): written as real files carry it, for the loader
+# to skip.
+_BETA_START, _BETA_END, _TRAIN_STEPS = 0.00085, 0.012, 1000
+
+
+def tiny_unet_config(family: str, *, inpaint: bool = False) -> UNetConfig:
+    config = {"sd1": TINY_SD1_UNET, "sd2": TINY_SD2_UNET}[_check_family(family)]
+    return dataclasses.replace(config, in_channels=9) if inpaint else config
+
+
+def tiny_text_config(family: str) -> TextEncoderConfig:
+    return {"sd1": TINY_SD1_TEXT, "sd2": TINY_SD2_TEXT}[_check_family(family)]
+
+
+def tiny_overrides(family: str) -> HeadOverrides:
+    """The head layout tiny single files need (the family rule assumes real widths)."""
+    text_heads = tiny_text_config(family).num_heads
+    unet = tiny_unet_config(family)
+    if unet.num_heads is not None:
+        return HeadOverrides(unet_num_heads=unet.num_heads, text_num_heads=text_heads)
+    return HeadOverrides(unet_head_width=unet.head_width, text_num_heads=text_heads)
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"tiny models exist for {FAMILIES}, not {family!r}")
+    return family
+
+
+def random_weights(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded weights for every tensor of a (meta-built) module, in its state-dict order.
+
+    Matrices and kernels get std 1/sqrt(fan_in) so activations stay of order one through the tiny nets.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norms = {name for name, sub in module.named_modules() if isinstance(sub, _NORMS)}
+    weights = {}
+    for key, target in module.state_dict(keep_vars=True).items():
+        if not target.is_floating_point():
+            raise TypeError(f"random_weights: {key} is a {target.dtype} buffer; give it a value explicitly")
+        owner, _, leaf = key.rpartition(".")
+        noise = torch.randn(target.shape, generator=generator)
+        if owner in norms and leaf == "weight":
+            weights[key] = 1 + 0.1 * noise
+        elif leaf == "bias" or noise.ndim < 2:
+            weights[key] = 0.1 * noise
+        else:
+            weights[key] = noise / math.sqrt(math.prod(target.shape[1:]))
+    return weights
+
+
+def tiny_unet_weights(family: str, seed: int = 0, *, inpaint: bool = False) -> dict[str, torch.Tensor]:
+    return random_weights(UNetModel(tiny_unet_config(family, inpaint=inpaint), device="meta"), seed + _UNET_STREAM)
+
+
+def tiny_vae_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    return random_weights(AutoencoderKL(TINY_VAE, device="meta"), seed + _VAE_STREAM)
+
+
+def tiny_text_weights(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Text encoder weights in transformers naming, without the `text_model.` level."""
+    weights = random_weights(ClipTextEncoder(tiny_text_config(family), device="meta"), seed + _TEXT_STREAM)
+    return {key.removeprefix("transformer.").removeprefix("text_model."): v for key, v in weights.items()}
+
+
+def _schedule_buffers() -> dict[str, torch.Tensor]:
+    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_STEPS, dtype=torch.float64) ** 2
+    return {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float()}
+
+
+def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+
+
+def tiny_checkpoint_tensors(
+    family: str, *, seed: int = 0, v_prediction: bool = False, inpaint: bool = False
+) -> dict[str, torch.Tensor]:
+    """The full single-file key set (fp32), as written by write_tiny_checkpoint."""
+    tensors = {f"model.diffusion_model.{k}": v for k, v in tiny_unet_weights(family, seed, inpaint=inpaint).items()}
+    tensors |= {f"first_stage_model.{k}": v for k, v in tiny_vae_weights(seed).items()}
+    text = tiny_text_weights(family, seed)
+    if family == "sd1":
+        tensors |= {f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()}
+        # Real SD1 files store the position ids; the loader must skip them.
+        tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    else:
+        tensors |= {f"cond_stage_model.model.{k}": v for k, v in transformers_to_open_clip(text).items()}
+        tensors["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    tensors |= _schedule_buffers()
+    tensors |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)}
+    if v_prediction:
+        tensors["v_pred"] = torch.tensor([])  # ComfyUI's marker: an empty tensor
+    return tensors
+
+
+def write_tiny_checkpoint(
+    path: str | os.PathLike,
+    family: str = "sd1",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    v_prediction: bool = False,
+    inpaint: bool = False,
+) -> Path:
+    """A single `.safetensors` file in LDM layout: UNet, VAE, text encoder, schedule and EMA leftovers."""
+    path = Path(path)
+    tensors = tiny_checkpoint_tensors(family, seed=seed, v_prediction=v_prediction, inpaint=inpaint)
+    save_file(_cast(tensors, dtype), str(path), metadata={"format": "pt"})
+    return path
+
+
+def write_tiny_vae(
+    path: str | os.PathLike, naming: str = "ldm", *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A standalone VAE file with unprefixed LDM names or diffusers names (plus a `loss.*` leftover)."""
+    path = Path(path)
+    weights = tiny_vae_weights(seed)
+    if naming == "diffusers":
+        weights = vae_state_dict_to_diffusers(weights, TINY_VAE)
+    elif naming != "ldm":
+        raise ValueError(f"naming must be 'ldm' or 'diffusers', not {naming!r}")
+    weights["loss.logvar"] = torch.zeros(())
+    save_file(_cast(weights, dtype), str(path))
+    return path
+
+
+def write_tiny_diffusers_folder(
+    folder: str | os.PathLike,
+    family: str = "sd1",
+    *,
+    seed: int = 0,
+    variant: str | None = None,
+    sharded: bool = False,
+    v_prediction: bool = False,
+) -> Path:
+    """A diffusers pipeline folder holding the same weights as write_tiny_checkpoint with the same seed.
+
+    variant "fp16" stores fp16 tensors under `*.fp16.*` names; sharded splits each weight file in two with
+    an index. SD2's text encoder is a plain CLIPTextModel as in real SD2 folders: no text projection.
+    """
+    folder = Path(folder)
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    unet_config = tiny_unet_config(family)
+    components = {
+        "unet": (unet_config_to_diffusers(unet_config), unet_state_dict_to_diffusers(tiny_unet_weights(family, seed), unet_config), "diffusion_pytorch_model"),
+        "vae": (vae_config_to_diffusers(TINY_VAE), vae_state_dict_to_diffusers(tiny_vae_weights(seed), TINY_VAE), "diffusion_pytorch_model"),
+        "text_encoder": (_text_encoder_config_json(family), _diffusers_text_weights(family, seed), "model"),
+    }
+    for name, (config, weights, base) in components.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
+        _write_weights(folder / name, base, _cast(weights, dtype), variant=variant, sharded=sharded)
+    _write_tokenizer(folder / "tokenizer", family)
+    _write_scheduler(folder / "scheduler", family, v_prediction)
+    (folder / "model_index.json").write_text(json.dumps(_model_index(family), indent=2))
+    return folder
+
+
+def _diffusers_text_weights(family: str, seed: int) -> dict[str, torch.Tensor]:
+    weights = tiny_text_weights(family, seed)
+    # Hub folders written before transformers 5.6 keep the `text_model.` level; the projection lives
+    # outside it (CLIPTextModelWithProjection) and SD2's pipeline uses the plain model without it.
+    return {f"text_model.{k}": v for k, v in weights.items() if not k.startswith("text_projection")}
+
+
+def _text_encoder_config_json(family: str) -> dict:
+    config = tiny_text_config(family)
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "max_position_embeddings": config.max_positions,
+        "vocab_size": config.vocab_size,
+        "hidden_act": config.hidden_act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": config.projection_dim or config.hidden_size,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": "float32",
+    }
+
+
+def _write_weights(
+    folder: Path, base: str, weights: dict[str, torch.Tensor], *, variant: str | None, sharded: bool
+) -> None:
+    tag = f".{variant}" if variant else ""
+    if not sharded:
+        save_file(weights, str(folder / f"{base}{tag}.safetensors"), metadata={"format": "pt"})
+        return
+    keys = list(weights)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for number, shard_keys in enumerate(shards, start=1):
+        name = f"{base}{tag}-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: weights[k] for k in shard_keys}, str(folder / name), metadata={"format": "pt"})
+        weight_map |= {k: name for k in shard_keys}
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    # diffusers' spelling of a variant index (`x.safetensors.index.fp16.json`).
+    index = folder / f"{base}.safetensors.index{tag}.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _write_tokenizer(folder: Path, family: str) -> None:
+    write_vocab_files(folder)
+    # SD2's tokenizer pads with "!" (id 0) to imitate open_clip's zero padding; SD1 pads with end-of-text.
+    pad = "!" if family == "sd2" else "<|endoftext|>"
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "do_lower_case": True,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def _write_scheduler(folder: Path, family: str, v_prediction: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "_class_name": "PNDMScheduler" if family == "sd1" else "DDIMScheduler",
+        "beta_start": _BETA_START,
+        "beta_end": _BETA_END,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": _TRAIN_STEPS,
+        "prediction_type": "v_prediction" if v_prediction else "epsilon",
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "clip_sample": False,
+        "skip_prk_steps": True,
+        "timestep_spacing": "leading",
+    }
+    (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _model_index(family: str) -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler" if family == "sd1" else "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
