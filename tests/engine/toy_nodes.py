@@ -14,6 +14,11 @@ from engine.paths import resolve_inside
 LETTERS = ["a", "b", "c"]
 
 
+def build_prompt(*nodes: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+    """An API prompt from (node_id, class_type, inputs) triples."""
+    return {node_id: {"class_type": class_type, "inputs": inputs} for node_id, class_type, inputs in nodes}
+
+
 @node(category="toy", outputs=[("INT", "value")], display_name="Integer constant")
 def Constant(value: Int(0, min=-1000, max=1000)) -> tuple:
     return (value,)
