@@ -1,0 +1,155 @@
+"""ComfyUI's sampler names mapped to our sampler functions, with what each needs to run.
+
+`SAMPLER_NAMES` keeps the KSampler COMBO order (model-formats.md 9.2) for the names implemented here,
+with `plms` (diffusers' PNDM without Runge-Kutta steps, not in ComfyUI) at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Literal, Mapping
+
+from torch import Tensor
+
+from . import samplers as single
+from . import samplers_multistep as multi
+from . import samplers_sde as sde
+from .brownian import BrownianTreeNoiseSampler
+from .denoiser import Denoiser, NoiseSampler, StepCallback
+from .dpm_solver import sample_dpm_adaptive, sample_dpm_fast
+from .model_sampling import ModelSampling
+from .noise import GaussianNoiseSampler
+from .uni_pc import sample_uni_pc
+
+NoiseKind = Literal["none", "gaussian", "brownian", "brownian_device"]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One named sampler: its function, fixed options and what the sampling entry point must supply."""
+
+    fn: Callable[..., Tensor]
+    noise: NoiseKind = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # KSampler computes one extra sigma and drops the second-to-last for these (9.1).
+    discard_penultimate_sigma: bool = False
+    needs_uncond: bool = False  # CFG++: the guider must not skip the uncond pass at cfg == 1
+    needs_model_sampling: bool = False
+    # The renoising formulas assume VE variables; flow models need ComfyUI's separate "RF" variants.
+    supports_flow: bool = True
+    # ComfyUI's "ddim" re-noises the inpainting context with a fresh draw seeded seed + 1 (8.4).
+    inpaint_fresh_noise: bool = False
+
+
+def _sigma_range_sampler(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """dpm_fast / dpm_adaptive see only sigma_max, the last nonzero sigma and the step count (ComfyUI)."""
+
+    def run(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
+        s = sigmas.tolist()
+        sigma_min = s[-1] if s[-1] > 0.0 else s[-2]
+        if fn is sample_dpm_fast:
+            return sample_dpm_fast(denoiser, x, sigma_min, s[0], len(s) - 1, callback=callback)
+        return sample_dpm_adaptive(denoiser, x, sigma_min, s[0], callback=callback)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+_VE_ONLY = {"supports_flow": False}
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "euler": SamplerSpec(single.sample_euler),
+    "euler_cfg_pp": SamplerSpec(single.sample_euler_cfg_pp, needs_uncond=True),
+    "euler_ancestral": SamplerSpec(single.sample_euler_ancestral, "gaussian", **_VE_ONLY),
+    "euler_ancestral_cfg_pp": SamplerSpec(
+        single.sample_euler_ancestral_cfg_pp, "gaussian", needs_uncond=True, **_VE_ONLY
+    ),
+    "heun": SamplerSpec(single.sample_heun),
+    "heunpp2": SamplerSpec(single.sample_heunpp2),
+    "dpm_2": SamplerSpec(single.sample_dpm_2, discard_penultimate_sigma=True),
+    "dpm_2_ancestral": SamplerSpec(
+        single.sample_dpm_2_ancestral, "gaussian", discard_penultimate_sigma=True, **_VE_ONLY
+    ),
+    "lms": SamplerSpec(multi.sample_lms),
+    "dpm_fast": SamplerSpec(_sigma_range_sampler(sample_dpm_fast)),
+    "dpm_adaptive": SamplerSpec(_sigma_range_sampler(sample_dpm_adaptive)),
+    "dpmpp_2s_ancestral": SamplerSpec(single.sample_dpmpp_2s_ancestral, "gaussian", **_VE_ONLY),
+    "dpmpp_2s_ancestral_cfg_pp": SamplerSpec(
+        single.sample_dpmpp_2s_ancestral, "gaussian", {"cfg_pp": True}, needs_uncond=True, **_VE_ONLY
+    ),
+    "dpmpp_sde": SamplerSpec(sde.sample_dpmpp_sde, "brownian", **_VE_ONLY),
+    "dpmpp_sde_gpu": SamplerSpec(sde.sample_dpmpp_sde, "brownian_device", **_VE_ONLY),
+    "dpmpp_2m": SamplerSpec(multi.sample_dpmpp_2m),
+    "dpmpp_2m_cfg_pp": SamplerSpec(multi.sample_dpmpp_2m, options={"cfg_pp": True}, needs_uncond=True),
+    "dpmpp_2m_sde": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", **_VE_ONLY),
+    "dpmpp_2m_sde_gpu": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian_device", **_VE_ONLY),
+    "dpmpp_2m_sde_heun": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", {"solver_type": "heun"}, **_VE_ONLY),
+    "dpmpp_2m_sde_heun_gpu": SamplerSpec(
+        sde.sample_dpmpp_2m_sde, "brownian_device", {"solver_type": "heun"}, **_VE_ONLY
+    ),
+    "dpmpp_3m_sde": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian", **_VE_ONLY),
+    "dpmpp_3m_sde_gpu": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian_device", **_VE_ONLY),
+    "ddpm": SamplerSpec(single.sample_ddpm, "gaussian", **_VE_ONLY),
+    "lcm": SamplerSpec(single.sample_lcm, "gaussian", needs_model_sampling=True),
+    "ipndm": SamplerSpec(multi.sample_ipndm),
+    "deis": SamplerSpec(multi.sample_deis),
+    "res_multistep": SamplerSpec(multi.sample_res_multistep),
+    "res_multistep_cfg_pp": SamplerSpec(multi.sample_res_multistep, options={"cfg_pp": True}, needs_uncond=True),
+    "res_multistep_ancestral": SamplerSpec(multi.sample_res_multistep, "gaussian", {"eta": 1.0}, **_VE_ONLY),
+    "res_multistep_ancestral_cfg_pp": SamplerSpec(
+        multi.sample_res_multistep, "gaussian", {"eta": 1.0, "cfg_pp": True}, needs_uncond=True, **_VE_ONLY
+    ),
+    "gradient_estimation": SamplerSpec(single.sample_gradient_estimation),
+    "gradient_estimation_cfg_pp": SamplerSpec(
+        single.sample_gradient_estimation, options={"cfg_pp": True}, needs_uncond=True
+    ),
+    "ddim": SamplerSpec(single.sample_euler, inpaint_fresh_noise=True),
+    "uni_pc": SamplerSpec(sample_uni_pc, discard_penultimate_sigma=True),
+    "uni_pc_bh2": SamplerSpec(sample_uni_pc, options={"variant": "bh2"}, discard_penultimate_sigma=True),
+    "plms": SamplerSpec(multi.sample_plms),
+}
+
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    return SAMPLERS[name]
+
+
+def make_noise_sampler(kind: NoiseKind, x: Tensor, sigmas: Tensor, seed: int) -> NoiseSampler | None:
+    """The noise source a sampler needs; Brownian trees span [smallest nonzero sigma, largest sigma]."""
+    if kind == "none":
+        return None
+    if kind == "gaussian":
+        return GaussianNoiseSampler(x, seed)
+    positive = [s for s in sigmas.tolist() if s > 0.0]
+    return BrownianTreeNoiseSampler(x, min(positive), max(positive), seed, on_device=kind == "brownian_device")
+
+
+def run_sampler(
+    name: str,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    seed: int,
+    model_sampling: ModelSampling | None = None,
+    callback: StepCallback | None = None,
+    **options: Any,
+) -> Tensor:
+    """Run the named sampler from `x` (already noised to sigmas[0]) down `sigmas`."""
+    spec = get_sampler(name)
+    kwargs: dict[str, Any] = {**spec.options, **options, "callback": callback}
+    noise = make_noise_sampler(spec.noise, x, sigmas, seed)
+    if noise is not None:
+        kwargs["noise"] = noise
+    if spec.needs_model_sampling:
+        if model_sampling is None:
+            raise ValueError(f"sampler {name!r} needs the model's sampling parameters")
+        kwargs["model_sampling"] = model_sampling
+    if model_sampling is not None and model_sampling.is_flow and not spec.supports_flow:
+        raise ValueError(f"sampler {name!r} renoises in VE variables and does not support flow models yet")
+    return spec.fn(denoiser, x, sigmas, **kwargs)
