@@ -13,6 +13,9 @@ A node is a plain function; its parameters are its inputs and their annotations 
   Batch semantics are simple: a node gets exactly one value per input (no per-element list mapping as in
   ComfyUI's `INPUT_IS_LIST`); batches live inside tensors.
 
+With `from __future__ import annotations` the specs are evaluated from the module's globals when the node
+is declared, so they may then only refer to module-level names.
+
 The decorated name stays callable (it calls the function), so nodes are unit-testable as functions.
 """
 from __future__ import annotations
