@@ -217,18 +217,13 @@ def _load_single_file(
 ) -> LoadedCheckpoint:
     shapes = source.shapes()
     refuse_fp8_scaled(source)
-    found = detection.detect_family(shapes)
+    try:
+        found = detection.detect_family(shapes)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source.description}: {error}") from None
     detection.require_supported(found, source.description)
-    unet_config = detection.unet_config_from_shapes(strip_prefix(shapes, UNET_PREFIX), found.family, overrides)
-    vae_config = detection.vae_config_from_shapes(
-        strip_prefix(shapes, VAE_PREFIX), num_groups=overrides.num_groups or 32
-    )
     text_names = _text_encoder_names(shapes, found)
-    # The file's own names and shapes (open_clip for SD2): the config reader knows both namings.
-    text_shapes = {key[len(found.text_prefix):]: shapes[key] for key in set(text_names.values())}
-    text_config = text_encoder_config_from_state_dict(
-        text_shapes, base=TEXT_BASES[found.family], num_heads=overrides.text_num_heads
-    )
+    unet_config, vae_config, text_config = _single_file_configs(shapes, found, text_names, overrides, source)
     choice = detection.detect_prediction(
         shapes, family=found.family, metadata=source.metadata, path=path, read_tensor=source.get,
         override=prediction,
@@ -266,6 +261,36 @@ def check_unexpected(
         raise CheckpointError(
             f"{source}: {len(stray)} tensors match no parameter of the detected layout, e.g. {stray[:5]}"
         )
+
+
+def _single_file_configs(
+    shapes: Mapping[str, tuple[int, ...]],
+    found: FamilyDetection,
+    text_names: Mapping[str, str],
+    overrides: HeadOverrides,
+    source: TensorSource,
+) -> tuple[UNetConfig, VAEConfig, TextEncoderConfig]:
+    try:
+        unet_config = detection.unet_config_from_shapes(strip_prefix(shapes, UNET_PREFIX), found.family, overrides)
+        vae_config = detection.vae_config_from_shapes(
+            strip_prefix(shapes, VAE_PREFIX), num_groups=overrides.num_groups or 32
+        )
+        # The file's own names and shapes (open_clip for SD2): the config reader knows both namings.
+        text_shapes = {key[len(found.text_prefix):]: shapes[key] for key in set(text_names.values())}
+        text_config = text_encoder_config_from_state_dict(
+            text_shapes, base=TEXT_BASES[found.family], num_heads=overrides.text_num_heads
+        )
+        for width, depth in zip(unet_config.level_widths, unet_config.transformer_depth):
+            if depth:
+                unet_config.heads_for(width)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source.description}: {error}") from None
+    except ValueError as error:
+        raise CheckpointError(
+            f"{source.description}: {error} (head counts are not stored in the weights: tiny or unusual models "
+            "need overrides=HeadOverrides(...))"
+        ) from None
+    return unet_config, vae_config, text_config
 
 
 def _text_encoder_names(shapes: Mapping[str, tuple[int, ...]], found: FamilyDetection) -> dict[str, str]:
