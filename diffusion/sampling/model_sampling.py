@@ -111,7 +111,7 @@ class DiscreteModelSampling(ModelSampling):
             sigmas = zero_terminal_snr_sigmas(sigmas)
         # ComfyUI builds the table in float64 and keeps float32 (8.1); all lookups below use these values.
         self.sigmas = sigmas.float()
-        self._log_sigmas = self.sigmas.log().double()
+        self._log_sigmas = self.sigmas.double().log()
         self._sigma_list = self.sigmas.tolist()
         self._log_sigma_list = self._log_sigmas.tolist()
 
@@ -181,7 +181,7 @@ class LCMModelSampling(DiscreteModelSampling):
         # Valid timesteps are 999, 979, ..., 19 (every skip-th, counted down from the last).
         valid = [full[len(full) - 1 - k * self.skip] for k in range(self.original_timesteps)][::-1]
         self.sigmas = torch.tensor(valid, dtype=torch.float32)
-        self._log_sigmas = self.sigmas.log().double()
+        self._log_sigmas = self.sigmas.double().log()
         self._sigma_list = self.sigmas.tolist()
         self._log_sigma_list = self._log_sigmas.tolist()
 
