@@ -189,6 +189,7 @@ def run_summary(result: ExecutionResult, settings: RunSettings, seconds: float) 
             "executed": list(result.executed), "cached": list(result.cached),
             "timings": {node_id: round(s, 6) for node_id, s in result.timings.items()},
             "total_seconds": round(seconds, 6), "error": error,
+            "failed_outputs": list(result.validation.failed_outputs),
             "node_errors": result.validation.to_json()["node_errors"]}
 
 
@@ -207,7 +208,8 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         print_run(result, summary)
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
-    return EXIT_OK if result.ok else EXIT_FAILED
+    # Valid outputs run even when others fail validation (as in ComfyUI), but the run still counts as failed.
+    return EXIT_OK if result.ok and not result.validation.failed_outputs else EXIT_FAILED
 
 
 def print_run(result: ExecutionResult, summary: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ keys, in the prompt or in a node, are ignored as ComfyUI ignores them.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -134,11 +136,17 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def load_prompt_file(path: str | Path) -> dict[str, Any]:
-    """Read an API-format workflow file; UI-format files (what the editor saves) are refused by name."""
+    """Read an API prompt from a JSON file, a `POST /prompt` body or a PNG saved by SaveImage (its `prompt`
+    text chunk). UI-format workflows (what the editor saves) are refused by name."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
+        raw = Path(path).read_bytes()
+        text = png_text_chunks(raw).get("prompt") if raw.startswith(PNG_SIGNATURE) else raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise PromptFormatError([f"{path}: cannot read: {error}"]) from error
+    if text is None:
+        raise PromptFormatError([f"{path}: this PNG carries no 'prompt' metadata to run"])
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise PromptFormatError([f"{path}: not valid JSON: {error}"]) from error
     if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
@@ -148,3 +156,47 @@ def load_prompt_file(path: str | Path) -> dict[str, Any]:
     if isinstance(body, dict) and "class_type" not in body:
         data = body  # the body of a POST /prompt request, not a node with id "prompt"
     return data
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_text_chunks(data: bytes) -> dict[str, str]:
+    """The text chunks of a PNG (tEXt, zTXt, iTXt), read without an imaging library.
+
+    tEXt is Latin-1 by the PNG spec, but ComfyUI-era writers put UTF-8 JSON there, so UTF-8 is tried first.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    texts: dict[str, str] = {}
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length = struct.unpack(">I", data[position:position + 4])[0]
+        kind = data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        position += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            break
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            try:
+                key, value = _text_chunk(kind, body)
+            except (IndexError, zlib.error) as error:
+                raise ValueError(f"corrupt {kind.decode()} chunk: {error}") from error
+            texts.setdefault(key, value)
+    return texts
+
+
+def _text_chunk(kind: bytes, body: bytes) -> tuple[str, str]:
+    key, _, rest = body.partition(b"\x00")
+    if kind == b"zTXt":
+        rest = zlib.decompress(rest[1:])  # one byte of compression method, then zlib data
+    elif kind == b"iTXt":
+        compressed, rest = rest[0], rest[2:]  # compression flag and method
+        _language, _, rest = rest.partition(b"\x00")
+        _translated, _, rest = rest.partition(b"\x00")
+        rest = zlib.decompress(rest) if compressed else rest
+    try:
+        value = rest.decode("utf-8")
+    except UnicodeDecodeError:
+        value = rest.decode("latin-1")
+    return key.decode("latin-1"), value

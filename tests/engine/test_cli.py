@@ -8,6 +8,8 @@ import types
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import cli
 from toy_nodes import build_prompt
@@ -187,3 +189,32 @@ def test_console_script_runs_a_workflow(workflow, out_dir):
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.splitlines()[0] == f"4: {out_dir / 'result.txt'}"
     assert (out_dir / "result.txt").read_text() == "8"
+
+
+def png_with_text(path, **texts):
+    info = PngInfo()
+    for key, value in texts.items():
+        info.add_text(key, value, zip=key == "workflow")
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    return str(path)
+
+
+def test_run_replays_the_prompt_stored_in_a_png(tmp_path, out_dir, capsys):
+    image = png_with_text(tmp_path / "ComfyUI_00001_.png", prompt=json.dumps(WORKFLOW),
+                          workflow=json.dumps({"nodes": [], "links": [], "note": "ünïcode"}))
+    assert run_cli("run", image, "--output-dir", str(out_dir)) == 0
+    assert (out_dir / "result.txt").read_text() == "3"
+
+
+def test_png_without_a_prompt_is_a_usage_error(tmp_path, capsys):
+    image = png_with_text(tmp_path / "plain.png", comment="hello")
+    assert run_cli("validate", image) == 2
+    assert "this PNG carries no 'prompt' metadata" in capsys.readouterr().err
+
+
+def test_run_with_some_outputs_invalid_runs_the_rest_and_exits_1(workflow, out_dir, capsys):
+    mixed = {**WORKFLOW, "6": {"class_type": "Output", "inputs": {}}}
+    assert run_cli("run", workflow(mixed), "--output-dir", str(out_dir), "--json") == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["status"], summary["failed_outputs"]) == ("success", ["6"])
+    assert (out_dir / "result.txt").read_text() == "3"

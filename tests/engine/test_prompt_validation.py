@@ -240,3 +240,4 @@ def test_wrapped_constant_list_is_a_value_not_a_link(registry):
                                           ("2", "Output", {"value": ["1", 0]})), registry)
     error = only_error(result, "1")
     assert (error.type, error.extra_info["received_value"]) == ("invalid_input_type", ["1", 0])
+
