@@ -275,11 +275,13 @@ class ClipTextEncoder(nn.Module):
             problems.append("missing keys: " + ", ".join(missing))
         if strict and unexpected:
             problems.append("unexpected keys: " + ", ".join(unexpected))
+        on_meta = any(p.is_meta for p in targets.values())
+        if missing and on_meta and not problems:
+            problems.append("missing keys (nothing to fill them on the meta device): " + ", ".join(missing))
         if problems:
             raise ValueError("text encoder weights do not fit the configuration: " + " | ".join(problems))
         if missing or unexpected:
             log.warning("text encoder: %d keys missing, %d unexpected (ignored)", len(missing), len(unexpected))
-        on_meta = any(p.is_meta for p in targets.values())
         self.load_state_dict(incoming, strict=False, assign=on_meta)
         embeddings = self.transformer.embeddings
         if embeddings.position_ids.is_meta:

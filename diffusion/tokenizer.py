@@ -245,3 +245,15 @@ def write_vocab_files(folder: str | Path, tokenizer: ClipTokenizer | None = None
     with open(folder / "merges.txt", "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
         f.writelines(f"{a} {b}\n" for a, b in tokenizer.merges)
+
+
+def write_tokenizer_folder(folder: str | Path, *, pad_token: str = EOS_TEXT) -> None:
+    """A complete `tokenizer/` folder for transformers and diffusers: the vocabulary files plus the config
+    that fixes the 77-token context and the family's padding (SD1 pads with `<|endoftext|>`, SD2's folders
+    name `!`, id 0). Without `model_max_length`, diffusers pipelines would pad to a near-infinite length."""
+    write_vocab_files(folder)
+    special = {"bos_token": BOS_TEXT, "eos_token": EOS_TEXT, "unk_token": EOS_TEXT, "pad_token": pad_token}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(Path(folder) / name, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)

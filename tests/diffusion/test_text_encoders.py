@@ -251,6 +251,16 @@ def test_load_weights_lists_every_missing_unexpected_and_misshaped_key(clip_l_re
     assert "unexpected keys: encoder.layers.7.mlp.fc1.bias" in message
 
 
+def test_non_strict_load_keeps_initial_weights_for_missing_keys_but_not_on_meta(clip_l_reference):
+    state = dict(clip_l_reference.state_dict())
+    del state["final_layer_norm.bias"]
+    encoder = ClipTextEncoder(TINY_CLIP_L)
+    encoder.load_weights(state.items(), strict=False)
+    assert torch.equal(encoder.transformer.final_layer_norm.bias, torch.zeros(32))
+    with pytest.raises(ValueError, match=r"meta device\): final_layer_norm.bias"):
+        ClipTextEncoder(TINY_CLIP_L, device="meta").load_weights(state.items(), strict=False)
+
+
 def test_meta_built_encoder_takes_the_loaded_tensors_without_copying(clip_l_reference):
     state = clip_l_reference.state_dict()
     encoder = ClipTextEncoder(TINY_CLIP_L, device="meta")

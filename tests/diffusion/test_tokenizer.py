@@ -5,7 +5,7 @@ import pytest
 from transformers import CLIPTokenizer
 
 from diffusion.prompt_weights import tokenize_prompt
-from diffusion.tokenizer import NUM_MERGES, ClipTokenizer, write_vocab_files
+from diffusion.tokenizer import NUM_MERGES, ClipTokenizer, write_tokenizer_folder, write_vocab_files
 
 BOS, EOS = 49406, 49407
 
@@ -61,6 +61,15 @@ def test_written_vocab_files_hold_every_token_and_merge(tokenizer, tmp_path):
     assert merges[0] == "#version: 0.2"
     assert len(merges) == 1 + 48894
     assert merges[1] == "i n"
+
+
+@pytest.mark.parametrize(("pad_token", "pad_id"), [("<|endoftext|>", 49407), ("!", 0)])
+def test_tokenizer_folder_pads_to_77_with_the_family_pad_token(tokenizer, tmp_path, pad_token, pad_id):
+    write_tokenizer_folder(tmp_path, pad_token=pad_token)
+    folder_tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    (chunk,) = tokenize_prompt("a photo of a cat", tokenizer, bos=BOS, eos=EOS, pad=pad_id)
+    assert folder_tokenizer.model_max_length == 77
+    assert folder_tokenizer("a photo of a cat", padding="max_length")["input_ids"] == [t for t, _ in chunk]
 
 
 @pytest.mark.parametrize("prompt", PLAIN_PROMPTS)
