@@ -40,8 +40,8 @@ def list_files(root: str | Path, extensions: Iterable[str] = ()) -> list[str]:
     """Files under `root` (sub-folders included) as sorted relative posix paths, for COMBO options.
 
     `extensions` (".safetensors", ...) match case-insensitively; empty means every file. A missing root
-    gives an empty list; hidden sub-folders (`.git`, `.cache`) are skipped. Entries that a symlink leads outside the root are left out, since
-    `resolve_inside` would refuse to open them.
+    gives an empty list; hidden sub-folders (`.git`, `.cache`) are skipped. Entries that a symlink leads
+    outside the root are left out, since `resolve_inside` would refuse to open them.
     """
     wanted = tuple(e.lower() for e in extensions)
     base = Path(root)

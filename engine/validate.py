@@ -115,18 +115,17 @@ class _Validation:
         outputs, target_error = self._outputs(targets)
         if target_error is not None:
             return ValidationResult(error=target_error, node_errors={})
-        self._check_cycles()
         ancestry = {output: self._ancestors(output) for output in outputs}
         to_check = [n for n in self.workflow.nodes if any(n in nodes for nodes in ancestry.values())]
+        self._check_cycles(set(to_check))
         for node_id in to_check:
             self._check_node(self.workflow[node_id])
         for node_id in to_check:
             self._report_crashed_sources(self.workflow[node_id])
-        good = tuple(o for o in outputs if not any(n in self.errors for n in ancestry[o]))
+        good = () if unknown else tuple(o for o in outputs if not any(n in self.errors for n in ancestry[o]))
         failed = tuple(o for o in outputs if o not in good)
         return ValidationResult(error=self._prompt_error(unknown, outputs, good),
-                                node_errors=self._node_errors(ancestry), outputs=good if not unknown else (),
-                                failed_outputs=failed,
+                                node_errors=self._node_errors(ancestry), outputs=good, failed_outputs=failed,
                                 workflow=Workflow({**self.workflow.nodes, **self.normalized}))
 
     def _outputs(self, targets: Sequence[str] | None) -> tuple[list[str], ValidationError | None]:
@@ -139,7 +138,8 @@ class _Validation:
                               f"partial_execution_targets name nodes not in the prompt: {missing}", missing=missing)
         return list(dict.fromkeys(targets)), None
 
-    def _prompt_error(self, unknown: list[PromptNode], outputs: list[str], good: tuple[str, ...]) -> ValidationError | None:
+    def _prompt_error(self, unknown: list[PromptNode], outputs: list[str],
+                      good: tuple[str, ...]) -> ValidationError | None:
         if unknown:
             names = sorted({n.class_type for n in unknown})
             first = unknown[0]
@@ -174,14 +174,16 @@ class _Validation:
                     queue.append(link.node_id)
         return seen
 
-    def _check_cycles(self) -> None:
+    def _check_cycles(self, relevant: set[str]) -> None:
+        """Name every cycle among the nodes the outputs need (a cycle node's ancestry holds the whole cycle)."""
         graph = nx.DiGraph()
         for prompt_node in self.workflow.nodes.values():
             for _, link in prompt_node.links():
                 if link.node_id in self.workflow:
                     graph.add_edge(link.node_id, prompt_node.id)
         for component in nx.strongly_connected_components(graph):
-            if len(component) == 1 and not graph.has_edge(*(next(iter(component)),) * 2):
+            is_cycle = len(component) > 1 or graph.has_edge(*(next(iter(component)),) * 2)
+            if not is_cycle or not component & relevant:
                 continue
             cycle = [edge[0] for edge in nx.find_cycle(graph.subgraph(component))]
             path = " -> ".join(cycle + cycle[:1])

@@ -43,7 +43,7 @@ def test_every_unknown_class_is_named(registry):
     assert result.error.type == "missing_node_type"
     assert result.error.details == "unknown node classes: Gone, Nope (nodes 1, 2)"
     assert {n: e.class_type for n, e in result.node_errors.items()} == {"1": "Nope", "2": "Gone"}
-    assert result.outputs == ()
+    assert (result.outputs, result.failed_outputs) == ((), ("4",))
 
 
 def test_prompt_without_output_nodes_is_prompt_no_outputs(registry):
@@ -83,9 +83,12 @@ def test_absent_optional_input_is_left_out(registry):
     assert result.workflow["1"].inputs == {"a": "x", "b": "y"}
 
 
+MALFORMED = "Bad linked input, must be a length-2 list of [node_id, output_index]"
+
+
 @pytest.mark.parametrize("link, message, detail", [
-    (["1"], "Bad linked input, must be a length-2 list of [node_id, output_index]", "value: ['1'] is not a link"),
-    (["1", -1], "Bad linked input, must be a length-2 list of [node_id, output_index]", "value: ['1', -1] is not a link"),
+    (["1"], MALFORMED, "value: ['1'] is not a link"),
+    (["1", -1], MALFORMED, "value: ['1', -1] is not a link"),
     (["9", 0], "Bad linked input: the linked node does not exist",
      "value: links to node '9', which is not in the prompt"),
     (["1", 1], "Bad linked input: no such output",
@@ -173,6 +176,13 @@ def test_cycle_is_reported_on_each_of_its_nodes(registry):
         assert len(error.details.split(" -> ")) == 4
     assert result.node_errors["1"].dependent_outputs == ("4",)
     assert result.error.type == "prompt_outputs_failed_validation"
+
+
+def test_cycle_feeding_no_output_is_not_reported(registry):
+    result = validate_prompt(build_prompt(("1", "Add", {"a": ["2", 0]}), ("2", "Add", {"a": ["1", 0]}),
+                                          ("3", "Constant", {"value": 1}), ("4", "Output", {"value": ["3", 0]})),
+                             registry)
+    assert result.ok and result.node_errors == {}
 
 
 def test_self_loop_is_a_cycle(registry):
