@@ -25,7 +25,7 @@ import importlib.util
 import inspect
 import pkgutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -73,7 +73,6 @@ class NodeType:
     python_module: str = ""
     deprecated: bool = False
     experimental: bool = False
-    extra_info: Mapping[str, Any] = field(default_factory=dict)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
@@ -126,7 +125,7 @@ class NodeType:
         }
         if any(o.tooltip for o in self.outputs):
             info["output_tooltips"] = [o.tooltip or "" for o in self.outputs]
-        return {**info, **self.extra_info}
+        return info
 
 
 OutputDecl = str | tuple[str, str] | tuple[str, str, str] | Output

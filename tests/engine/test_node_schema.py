@@ -191,3 +191,15 @@ def test_import_node_module_by_file_path(tmp_path):
 def test_import_node_module_names_a_missing_file(tmp_path):
     with pytest.raises(ImportError, match="does not exist"):
         import_node_module(str(tmp_path / "absent.py"))
+
+
+def test_output_tooltips_and_flags_appear_in_object_info():
+    @node(outputs=[("IMAGE", "IMAGE", "the decoded image"), "MASK"], deprecated=True, display_name="Decode")
+    def Decode(samples: Socket("LATENT")) -> tuple:
+        return (None, None)
+
+    info = Decode.object_info()
+    assert (info["output"], info["output_name"]) == (["IMAGE", "MASK"], ["IMAGE", "MASK"])
+    assert info["output_tooltips"] == ["the decoded image", ""]
+    assert (info["deprecated"], info["experimental"], info["display_name"]) == (True, False, "Decode")
+    assert "output_tooltips" not in toy_nodes.Add.object_info()
