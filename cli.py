@@ -25,6 +25,7 @@ from engine.events import Event, Executing, Progress
 from engine.executor import ExecutionResult
 from engine.workflow import PromptFormatError, load_prompt_file
 
+WORKFLOW_HELP = "API-format workflow JSON, a POST /prompt body, or a PNG that carries its prompt"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 NODE_MODULES_ENV = "SDGRAPH_NODE_MODULES"
 
@@ -57,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-default-nodes", action="store_true",
                         help="do not load the built-in `nodes` package (only --nodes modules)")
     folders = argparse.ArgumentParser(add_help=False)
-    folders.add_argument("--models-dir", type=Path, default=Path("models"))
-    folders.add_argument("--input-dir", type=Path, default=Path("input"))
-    folders.add_argument("--output-dir", type=Path, default=Path("output"))
-    folders.add_argument("--temp-dir", type=Path, default=Path("temp"))
-    folders.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    folders.add_argument("--models-dir", type=Path, default=Path("models"), help="model folders (default: models)")
+    folders.add_argument("--input-dir", type=Path, default=Path("input"), help="input images (default: input)")
+    folders.add_argument("--output-dir", type=Path, default=Path("output"), help="saved outputs (default: output)")
+    folders.add_argument("--temp-dir", type=Path, default=Path("temp"), help="previews (default: temp)")
+    folders.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="where models run (default: auto)")
 
     parser = argparse.ArgumentParser(prog="sdgraph", description="Run ComfyUI-format Stable Diffusion workflows.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,12 +279,12 @@ def cmd_serve(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def _validate_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("workflow", type=Path, help="API-format workflow JSON")
+    sub.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
     sub.add_argument("--json", action="store_true", help="print the errors as ComfyUI's JSON answer")
 
 
 def _run_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("workflow", type=Path, help="API-format workflow JSON")
+    sub.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
     sub.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="override an input (VALUE parsed as JSON when possible, else a string)")
     sub.add_argument("--target", action="append", default=[], metavar="NODE_ID",
