@@ -113,7 +113,9 @@ def tokenize_weighted_prompt(
     """Token groups, one per weighted segment and per embedding reference, each token with its weight.
 
     Without an `embeddings` lookup, `embedding:name` is ordinary text (as in ComfyUI without an embeddings
-    folder). An embedding whose width is not `embedding_width` is ignored with a warning.
+    folder). An embedding whose width is not `embedding_width` is ignored with a warning. ComfyUI drops
+    such vectors later, while encoding, and pads the chunk's end instead: the same ids in the same places
+    unless the dropped slots would have moved a chunk boundary.
     """
     groups: list[list[WeightedToken]] = []
     for segment, weight in parse_weighted_prompt(text):
