@@ -1,0 +1,61 @@
+"""A real sdgraph server on a loopback port, in a thread of its own, for the tests to talk HTTP to."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from aiohttp import web
+
+import server as sdgraph_server
+import server_nodes
+from engine import Registry, RunSettings, import_node_module
+
+TOY_NODES = Path(__file__).parents[1] / "engine" / "toy_nodes.py"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: RunSettings
+    state: sdgraph_server.Server
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    registry = Registry()
+    registry.load_module(import_node_module(str(TOY_NODES)))
+    registry.load_module(server_nodes)
+    settings = RunSettings(models_dir=tmp_path / "models", input_dir=tmp_path / "input",
+                           output_dir=tmp_path / "output", temp_dir=tmp_path / "temp", device="cpu")
+    state = sdgraph_server.Server(settings, registry)
+    port = _free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(state.app())
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10), "server did not start"
+    yield LiveServer(f"http://127.0.0.1:{port}", settings, state)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)

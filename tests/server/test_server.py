@@ -1,0 +1,278 @@
+"""The HTTP and websocket API against a real server on loopback, spoken the way ComfyUI's clients speak it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from conftest import LiveServer
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def toy_prompt(value: int = 2) -> dict[str, Any]:
+    return {"1": {"class_type": "Constant", "inputs": {"value": value}},
+            "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 3}},
+            "3": {"class_type": "Output", "inputs": {"value": ["2", 0]}, "_meta": {"title": "Show"}}}
+
+
+async def queue_and_collect(server: LiveServer, prompt: dict[str, Any], client_id: str = "tester",
+                            timeout: float = 10.0) -> tuple[dict[str, Any], list[dict[str, Any]], list[bytes]]:
+    """Connect a websocket, queue `prompt`, and collect messages until `executing` with node null."""
+    messages: list[dict[str, Any]] = []
+    frames: list[bytes] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as socket:
+            messages.append(json.loads((await socket.receive(timeout)).data))
+            async with session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as answer:
+                assert answer.status == 200, await answer.text()
+                queued = await answer.json()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                message = await socket.receive(timeout)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    frames.append(message.data)
+                    continue
+                messages.append(json.loads(message.data))
+                if messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None:
+                    return queued, messages, frames
+    raise AssertionError(f"prompt did not finish; got {[m['type'] for m in messages]}")
+
+
+async def get_json(server: LiveServer, path: str, **headers: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.url + path, headers=headers) as answer:
+            text = await answer.text()
+            return answer.status, json.loads(text) if answer.content_type == "application/json" else text
+
+
+async def post_json(server: LiveServer, path: str, body: Any, **headers: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + path, json=body, headers=headers) as answer:
+            text = await answer.text()
+            return answer.status, json.loads(text) if answer.content_type == "application/json" else text
+
+
+async def wait_for_history(server: LiveServer, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, history = await get_json(server, f"/history/{prompt_id}")
+        if history:
+            return history[prompt_id]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"prompt {prompt_id} never reached the history")
+
+
+def test_object_info_describes_registered_nodes_under_both_prefixes(live_server: LiveServer) -> None:
+    status, info = run(get_json(live_server, "/object_info"))
+    _, api_info = run(get_json(live_server, "/api/object_info"))
+    assert status == 200 and info == api_info
+    assert info["Constant"]["input"]["required"]["value"] == ["INT", {"default": 0, "min": -1000, "max": 1000}]
+    assert info["Output"]["output_node"] is True
+    _, one = run(get_json(live_server, "/object_info/Add"))
+    assert list(one) == ["Add"] and one["Add"]["output"] == ["INT"]
+
+
+def test_a_prompt_runs_with_comfyui_event_order_and_lands_in_history(live_server: LiveServer) -> None:
+    queued, messages, _ = run(queue_and_collect(live_server, toy_prompt(2)))
+    kinds = [m["type"] for m in messages if m["type"] != "status"]
+    assert kinds == ["execution_start", "execution_cached", "executing", "executing", "executing", "executed",
+                     "execution_success", "executing"]
+    assert messages[0] == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                      "sid": "tester"}}
+    executed = next(m for m in messages if m["type"] == "executed")
+    assert executed["data"] == {"node": "3", "display_node": "3", "output": {"value": [5]},
+                                "prompt_id": queued["prompt_id"]}
+    assert queued["node_errors"] == {}
+    entry = run(wait_for_history(live_server, queued["prompt_id"]))
+    assert entry["outputs"] == {"3": {"value": [5]}}
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    assert [kind for kind, _ in entry["status"]["messages"]] == ["execution_start", "execution_cached",
+                                                                 "execution_success"]
+    assert entry["prompt"][1] == queued["prompt_id"] and entry["prompt"][4] == ["3"]
+
+
+def test_a_rerun_is_served_from_cache(live_server: LiveServer) -> None:
+    run(queue_and_collect(live_server, toy_prompt(2)))
+    _, messages, _ = run(queue_and_collect(live_server, toy_prompt(2)))
+    cached = next(m for m in messages if m["type"] == "execution_cached")
+    assert sorted(cached["data"]["nodes"]) == ["1", "2", "3"]
+
+
+def test_an_invalid_prompt_is_refused_with_node_errors_and_never_queued(live_server: LiveServer) -> None:
+    prompt = toy_prompt(2)
+    prompt["1"]["inputs"]["value"] = 5000
+    prompt["2"]["inputs"]["b"] = "three"
+    status, answer = run(post_json(live_server, "/prompt", {"prompt": prompt}))
+    assert status == 400
+    assert answer["error"]["type"] == "prompt_outputs_failed_validation"
+    errors = {(node_id, e["type"], e["extra_info"]["input_name"])
+              for node_id, entry in answer["node_errors"].items() for e in entry["errors"]}
+    assert ("1", "value_bigger_than_max", "value") in errors
+    assert ("2", "invalid_input_type", "b") in errors
+    _, queue = run(get_json(live_server, "/queue"))
+    assert queue == {"queue_running": [], "queue_pending": []}
+    assert run(get_json(live_server, "/history"))[1] == {}
+
+
+def test_a_body_that_is_not_a_prompt_gets_invalid_prompt(live_server: LiveServer) -> None:
+    status, answer = run(post_json(live_server, "/prompt", {"prompt": ["not", "an", "object"]}))
+    assert status == 400 and answer["error"]["type"] == "invalid_prompt" and answer["node_errors"] == {}
+
+
+def test_a_failing_node_fails_its_prompt_only_and_the_server_serves_the_next(live_server: LiveServer) -> None:
+    failing = {"1": {"class_type": "Fail", "inputs": {"value": 1, "message": "kaput"}},
+               "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+    queued, messages, _ = run(queue_and_collect(live_server, failing))
+    error = next(m for m in messages if m["type"] == "execution_error")["data"]
+    assert (error["node_id"], error["node_type"], error["exception_type"]) == ("1", "Fail", "RuntimeError")
+    assert error["exception_message"] == "kaput" and any("kaput" in line for line in error["traceback"])
+    entry = run(wait_for_history(live_server, queued["prompt_id"]))
+    assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+    _, after, _ = run(queue_and_collect(live_server, toy_prompt(7)))
+    assert next(m for m in after if m["type"] == "executed")["data"]["output"] == {"value": [10]}
+
+
+def test_interrupt_stops_the_running_prompt_inside_a_node(live_server: LiveServer) -> None:
+    slow = {"1": {"class_type": "Wait", "inputs": {"value": 1, "ticks": 500}},
+            "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+
+    async def scenario() -> list[dict[str, Any]]:
+        messages = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{live_server.url}/ws?clientId=stopper") as socket:
+                await session.post(f"{live_server.url}/prompt", json={"prompt": slow, "client_id": "stopper"})
+                while True:
+                    message = await socket.receive(10)
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        continue
+                    messages.append(json.loads(message.data))
+                    if messages[-1]["type"] == "progress" and messages[-1]["data"]["value"] == 3:
+                        await session.post(f"{live_server.url}/interrupt")
+                    if messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None:
+                        return messages
+    messages = run(scenario())
+    interrupted = [m for m in messages if m["type"] == "execution_interrupted"]
+    assert len(interrupted) == 1 and interrupted[0]["data"]["node_id"] == "1"
+    progress = [m["data"]["value"] for m in messages if m["type"] == "progress"]
+    assert progress[:3] == [1, 2, 3] and max(progress) < 500
+
+
+def test_progress_ticks_and_binary_previews_reach_the_client(live_server: LiveServer) -> None:
+    prompt = {"1": {"class_type": "Wait", "inputs": {"value": 4, "ticks": 3}},
+              "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+    queued, messages, frames = run(queue_and_collect(live_server, prompt))
+    progress = [m["data"] for m in messages if m["type"] == "progress"]
+    assert progress == [{"value": step, "max": 3, "prompt_id": queued["prompt_id"], "node": "1"}
+                        for step in (1, 2, 3)]
+    assert frames == [(1).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"fake-png-bytes"]
+
+
+def test_events_go_only_to_the_submitting_client(live_server: LiveServer) -> None:
+    async def scenario() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{live_server.url}/ws?clientId=bystander") as bystander:
+                await run_other_client()
+                seen = []
+                while True:
+                    try:
+                        message = await bystander.receive(0.3)
+                    except asyncio.TimeoutError:
+                        return seen
+                    seen.append(json.loads(message.data)["type"])
+
+    async def run_other_client() -> None:
+        await queue_and_collect(live_server, toy_prompt(11), client_id="owner")
+    seen = run(scenario())
+    assert set(seen) == {"status"}
+
+
+def test_view_serves_outputs_and_refuses_paths_outside_the_folders(live_server: LiveServer) -> None:
+    output = live_server.settings.output_dir
+    (output / "sub").mkdir(parents=True, exist_ok=True)
+    (output / "sub" / "picture.png").write_bytes(b"\x89PNG fake")
+    (live_server.settings.output_dir.parent / "secret.txt").write_text("private")
+
+    async def fetch(query: str) -> tuple[int, bytes, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{live_server.url}/view?{query}") as answer:
+                return answer.status, await answer.read(), answer.content_type
+    assert run(fetch("filename=picture.png&subfolder=sub&type=output")) == (200, b"\x89PNG fake", "image/png")
+    assert run(fetch("filename=../secret.txt&type=output"))[0] == 403
+    assert run(fetch("filename=secret.txt&subfolder=..&type=output"))[0] == 403
+    assert run(fetch("filename=%2Fetc%2Fpasswd&type=output"))[0] == 403
+    assert run(fetch("filename=picture.png&type=elsewhere"))[0] == 403
+    assert run(fetch("filename=missing.png&type=output"))[0] == 404
+
+
+def test_upload_keeps_identical_files_and_renames_clashes(live_server: LiveServer) -> None:
+    async def upload(content: bytes, name: str = "cat.png", **fields: str) -> dict[str, Any]:
+        form = aiohttp.FormData()
+        form.add_field("image", content, filename=name, content_type="image/png")
+        for key, value in fields.items():
+            form.add_field(key, value)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{live_server.url}/upload/image", data=form) as answer:
+                assert answer.status == 200, await answer.text()
+                return await answer.json()
+    assert run(upload(b"one")) == {"name": "cat.png", "subfolder": "", "type": "input"}
+    assert run(upload(b"one"))["name"] == "cat.png"
+    assert run(upload(b"two"))["name"] == "cat (1).png"
+    assert run(upload(b"three", overwrite="true"))["name"] == "cat.png"
+    assert (live_server.settings.input_dir / "cat.png").read_bytes() == b"three"
+    assert (live_server.settings.input_dir / "cat (1).png").read_bytes() == b"two"
+    escaped = run(upload(b"evil", name="../../evil.png"))["name"]
+    assert "/" not in escaped and (live_server.settings.input_dir / escaped).read_bytes() == b"evil"
+    assert not (live_server.settings.input_dir.parent / "evil.png").exists()
+
+
+def test_cross_origin_requests_are_refused(live_server: LiveServer) -> None:
+    status, _ = run(post_json(live_server, "/prompt", {"prompt": toy_prompt()}, Origin="http://evil.example"))
+    assert status == 403
+    host = live_server.url.removeprefix("http://")
+    status, _ = run(get_json(live_server, "/object_info", Origin=f"http://{host}"))
+    assert status == 200
+
+
+def test_queue_front_delete_and_remaining(live_server: LiveServer) -> None:
+    slow = {"1": {"class_type": "Wait", "inputs": {"value": 1, "ticks": 200}},
+            "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        first = (await post_json(live_server, "/prompt", {"prompt": slow}))[1]
+        while not (await get_json(live_server, "/queue"))[1]["queue_running"]:
+            await asyncio.sleep(0.01)
+        back = (await post_json(live_server, "/prompt", {"prompt": toy_prompt(1)}))[1]
+        front = (await post_json(live_server, "/prompt", {"prompt": toy_prompt(2), "front": True}))[1]
+        queue = (await get_json(live_server, "/queue"))[1]
+        remaining = (await get_json(live_server, "/prompt"))[1]
+        await post_json(live_server, "/queue", {"delete": [back["prompt_id"]]})
+        after_delete = (await get_json(live_server, "/queue"))[1]
+        await post_json(live_server, "/interrupt", {"prompt_id": first["prompt_id"]})
+        return (first, back, front), (queue, remaining), after_delete
+    (first, back, front), (queue, remaining), after_delete = run(scenario())
+    assert [item[1] for item in queue["queue_running"]] == [first["prompt_id"]]
+    assert [item[1] for item in queue["queue_pending"]] == [front["prompt_id"], back["prompt_id"]]
+    assert remaining == {"exec_info": {"queue_remaining": 3}}
+    assert [item[1] for item in after_delete["queue_pending"]] == [front["prompt_id"]]
+
+
+def test_models_routes_list_model_folders(live_server: LiveServer) -> None:
+    checkpoints = live_server.settings.models_dir / "checkpoints" / "sd15"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "tiny.safetensors").write_bytes(b"")
+    (checkpoints / "notes.txt").write_text("not a model")
+    assert "checkpoints" in run(get_json(live_server, "/models"))[1]
+    assert run(get_json(live_server, "/models/checkpoints")) == (200, ["sd15/tiny.safetensors"])
+    assert run(get_json(live_server, "/models/nonsense"))[0] == 404
+
+
+def test_system_stats_reports_python_and_a_device(live_server: LiveServer) -> None:
+    status, stats = run(get_json(live_server, "/system_stats"))
+    assert status == 200 and stats["system"]["python_version"].startswith("3.")
+    assert stats["devices"] and stats["devices"][0]["type"] in ("cpu", "cuda")
