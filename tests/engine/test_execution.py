@@ -194,3 +194,13 @@ def test_unsubscribed_listener_gets_no_more_events(executor, events):
     executor.unsubscribe(events)
     executor.execute(DIAMOND)
     assert list(events) == []
+
+
+def test_long_chains_run_without_recursion_limits(executor):
+    length = 3000
+    raw = build_prompt(("0", "Constant", {"value": 0}),
+                       *((str(i), "Add", {"a": [str(i - 1), 0], "b": 1}) for i in range(1, length)),
+                       ("out", "Output", {"value": [str(length - 1), 0]}))
+    result = executor.execute(raw)
+    assert result.outputs == {"out": {"value": [length - 1]}}
+    assert executor.execute(raw).executed == ()

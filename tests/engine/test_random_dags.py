@@ -14,7 +14,8 @@ REGISTRY.load_module(toy_nodes)
 # One cache shared by every example: graphs that repeat sub-graphs of earlier ones (under other ids) hit it,
 # so a signature that confused two different sub-graphs would show up as a wrong value.
 SHARED = Executor(REGISTRY, cache=ResultCache(max_entries=200))
-OPERATIONS = {"Add": lambda a, b: a + b, "Multiply": lambda a, b: a * b}
+OPERATIONS = {"Add": lambda a, b: (a + b,), "Multiply": lambda a, b: (a * b,), "DivMod": divmod}
+OUTPUT_COUNT = {"Constant": 1, "Add": 1, "Multiply": 1, "DivMod": 2}
 
 
 @st.composite
@@ -23,35 +24,45 @@ def dags(draw):
     ids = draw(st.lists(st.text("abc123:", min_size=1, max_size=3), min_size=size + 3, max_size=size + 3,
                         unique=True))
     nodes = []
+
+    def link_to_earlier(index):
+        source = draw(st.integers(0, index - 1))
+        return source, draw(st.integers(0, OUTPUT_COUNT[nodes[source][0]] - 1))
+
     for index in range(size):
         if index == 0 or draw(st.booleans()) and draw(st.booleans()):
             nodes.append(("Constant", {"value": draw(st.integers(-5, 5))}))
             continue
-        operand = st.one_of(st.integers(-3, 3), st.integers(0, index - 1).map(lambda j: ("link", j)))
-        nodes.append((draw(st.sampled_from(sorted(OPERATIONS))), {"a": draw(operand), "b": draw(operand)}))
-    outputs = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=3))
+        class_type = draw(st.sampled_from(sorted(OPERATIONS)))
+        operands = [link_to_earlier(index) if draw(st.booleans()) else draw(st.integers(-3, 3)) for _ in "ab"]
+        if class_type == "DivMod":
+            operands[1] = draw(st.integers(1, 4))  # a constant divisor: linked ones could be zero
+        nodes.append((class_type, dict(zip("ab", operands))))
+    outputs = [link_to_earlier(size) for _ in range(draw(st.integers(1, 3)))]
     return ids, nodes, outputs
 
 
 def to_prompt(ids, nodes, outputs):
     def api(value):
-        return [ids[value[1]], 0] if isinstance(value, tuple) else value
+        return [ids[value[0]], value[1]] if isinstance(value, tuple) else value
     prompt = {ids[i]: {"class_type": cls, "inputs": {k: api(v) for k, v in inputs.items()}}
               for i, (cls, inputs) in enumerate(nodes)}
     for k, target in enumerate(outputs):
-        prompt[ids[len(nodes) + k]] = {"class_type": "Output", "inputs": {"value": [ids[target], 0]}}
+        prompt[ids[len(nodes) + k]] = {"class_type": "Output", "inputs": {"value": api(target)}}
     return prompt
 
 
 def direct_values(ids, nodes, outputs):
     @cache
-    def value_of(index):
+    def values_of(index):
         class_type, inputs = nodes[index]
         if class_type == "Constant":
-            return inputs["value"]
-        operands = [value_of(v[1]) if isinstance(v, tuple) else v for v in (inputs["a"], inputs["b"])]
-        return OPERATIONS[class_type](*operands)
-    return {ids[len(nodes) + k]: {"value": [value_of(target)]} for k, target in enumerate(outputs)}
+            return (inputs["value"],)
+        return OPERATIONS[class_type](*(value(inputs[name]) for name in "ab"))
+
+    def value(operand):
+        return values_of(operand[0])[operand[1]] if isinstance(operand, tuple) else operand
+    return {ids[len(nodes) + k]: {"value": [value(target)]} for k, target in enumerate(outputs)}
 
 
 @settings(max_examples=80, deadline=None)
