@@ -114,6 +114,14 @@ class WidgetSpec(InputSpec):
                           f"{value!r} is not a valid {self.type_name}")
 
 
+def _check_default(spec: Int | Float) -> None:
+    """A default outside its own range is a declaration bug; say so when the node is declared."""
+    try:
+        spec.coerce(spec.default)
+    except InputError as problem:
+        raise ValueError(f"{spec.type_name} default {spec.default!r} is invalid: {problem.details}") from None
+
+
 def _check_range(value: float, minimum: float | None, maximum: float | None) -> None:
     if minimum is not None and value < minimum:
         raise InputError("value_smaller_than_min", "Value smaller than min", f"{value} is smaller than min {minimum}")
@@ -129,6 +137,9 @@ class Int(WidgetSpec):
     max: int | None = None
     step: int | None = None
     control_after_generate: bool = False
+
+    def __post_init__(self) -> None:
+        _check_default(self)
 
     @property
     def type_name(self) -> str:
@@ -186,6 +197,9 @@ class Float(WidgetSpec):
     max: float | None = None
     step: float | None = None
     round: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_default(self)
 
     @property
     def type_name(self) -> str:

@@ -87,3 +87,10 @@ def test_socket_refuses_a_constant():
     ("IMAGE,MASK", "MASK", True), ("LATENT", "IMAGE,MASK", False)])
 def test_link_type_compatibility(output_type, input_type, expected):
     assert types_compatible(output_type, input_type) is expected
+
+
+def test_default_outside_its_range_is_refused_at_declaration():
+    with pytest.raises(ValueError, match="INT default 0 is invalid: 0 is smaller than min 1"):
+        Int(0, min=1)
+    with pytest.raises(ValueError, match="FLOAT default 2.0 is invalid: 2.0 is bigger than max 1.0"):
+        Float(2.0, max=1.0)
