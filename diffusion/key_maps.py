@@ -8,6 +8,7 @@ covers every tensor of that model exactly once.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 import torch
 
@@ -111,6 +112,12 @@ def _vae_blocks(config: VAEConfig) -> dict[str, tuple[str, Mapping[str, str]]]:
 
 def unet_diffusers_key_map(config: UNetConfig) -> dict[str, str]:
     """diffusers ``UNet2DConditionModel`` tensor name -> our (LDM) name, for every tensor of the model."""
+    return dict(_unet_key_map(config))
+
+
+@lru_cache(maxsize=16)
+def _unet_key_map(config: UNetConfig) -> dict[str, str]:
+    # Cached: walking a meta-device SDXL UNet takes a noticeable fraction of a second.
     blocks = _unet_blocks(config)
     ours = UNetModel(config, device="meta").state_dict()
     return {_rename(key, blocks): key for key in ours}
@@ -198,7 +205,8 @@ def vae_state_dict_to_diffusers(
     return converted
 
 
-# diffusers UNet settings our architecture hard-codes; a config asking for anything else is refused.
+# diffusers UNet settings our architecture hard-codes; a config asking for anything else is refused
+# (a list value, e.g. per-level only_cross_attention, must hold accepted values only).
 _UNET_FIXED_FIELDS = {
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -209,13 +217,24 @@ _UNET_FIXED_FIELDS = {
     "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "class_embed_type": None,
+    "num_class_embeds": None,
+    "class_embeddings_concat": False,
+    "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "attention_type": "default",
+    "cross_attention_norm": None,
     "time_embedding_type": "positional",
     "time_cond_proj_dim": None,
     "resnet_time_scale_shift": "default",
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "only_cross_attention": False,
+    "mid_block_only_cross_attention": (None, False),
     "dual_cross_attention": False,
     "reverse_transformer_layers_per_block": None,
 }
@@ -223,9 +242,13 @@ _VAE_FIXED_FIELDS = {"act_fn": "silu", "mid_block_add_attention": True}
 
 
 def _check_fixed(config_json: Mapping, fixed: Mapping, what: str) -> None:
+    """Refuses fields set to values our architecture does not build; a tuple lists several accepted values."""
     for field, expected in fixed.items():
-        if field in config_json and config_json[field] != expected:
-            raise ValueError(f"{what} config: {field}={config_json[field]!r} is not supported (expected {expected!r})")
+        accepted = expected if isinstance(expected, tuple) else (expected,)
+        value = config_json.get(field, accepted[0])
+        values = value if isinstance(value, list) else [value]
+        if any(v not in accepted for v in values):
+            raise ValueError(f"{what} config: {field}={value!r} is not supported (expected {expected!r})")
 
 
 def _per_level(value: int | list | tuple, levels: int, field: str) -> list[int]:

@@ -376,7 +376,9 @@ class UNetModel(nn.Module):
             return 0.0
         if y is None or tuple(y.shape) != (batch, adm):
             found = None if y is None else tuple(y.shape)
-            raise ValueError(f"this UNet needs y of shape ({batch}, {adm}) (SDXL pooled + size embeddings), got {found}")
+            raise ValueError(
+                f"this UNet needs y of shape ({batch}, {adm}) (SDXL pooled + size embeddings), got {found}"
+            )
         return self.label_emb(y.to(dtype))
 
 
