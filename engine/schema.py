@@ -20,6 +20,7 @@ The decorated name stays callable (it calls the function), so nodes are unit-tes
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -254,7 +255,10 @@ def import_node_module(reference: str) -> ModuleType:
     target = path / "__init__.py" if path.is_dir() else path
     if not target.is_file():
         raise ImportError(f"node module {reference!r}: {target} does not exist")
-    module_name = f"sdgraph_custom_{path.resolve().stem if path.is_file() else path.resolve().name}"
+    # Named after the file and a hash of its full path: two packs may both ship a `nodes.py`.
+    where = path.resolve()
+    digest = hashlib.sha1(str(where).encode("utf-8")).hexdigest()[:8]
+    module_name = f"sdgraph_custom_{where.stem if path.is_file() else where.name}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     locations = [str(path.resolve())] if path.is_dir() else None

@@ -203,3 +203,13 @@ def test_output_tooltips_and_flags_appear_in_object_info():
     assert info["output_tooltips"] == ["the decoded image", ""]
     assert (info["deprecated"], info["experimental"], info["display_name"]) == (True, False, "Decode")
     assert "output_tooltips" not in toy_nodes.Add.object_info()
+
+
+def test_same_file_name_in_two_folders_gives_two_modules(tmp_path):
+    for pack, value in (("pack_a", 1), ("pack_b", 2)):
+        (tmp_path / pack).mkdir()
+        (tmp_path / pack / "nodes.py").write_text(f"VALUE = {value}\n")
+    first = import_node_module(str(tmp_path / "pack_a" / "nodes.py"))
+    second = import_node_module(str(tmp_path / "pack_b" / "nodes.py"))
+    assert (first.VALUE, second.VALUE) == (1, 2)
+    assert import_node_module(str(tmp_path / "pack_a" / "nodes.py")) is first
