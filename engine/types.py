@@ -17,11 +17,13 @@ in hand-written prompts, so sdgraph reports them as `invalid_input_type` instead
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 ANY_TYPE = "*"
+log = logging.getLogger("sdgraph.engine")
 
 
 class InputError(Exception):
@@ -296,7 +298,13 @@ class Combo(WidgetSpec):
         raise InputError("value_not_in_list", "Value not in list", f"{value!r} not in {list(allowed)!r}")
 
     def object_info(self, options: Sequence[Any] | None = None) -> list:
-        return [self.current_options() if options is None else list(options), self._options()]
+        if options is None:
+            try:
+                options = self.current_options()
+            except Exception:  # an unreadable folder must not take the whole /object_info down
+                log.exception("COMBO options could not be listed")
+                options = []
+        return [list(options), self._options()]
 
     def _widget_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}

@@ -213,3 +213,14 @@ def test_same_file_name_in_two_folders_gives_two_modules(tmp_path):
     second = import_node_module(str(tmp_path / "pack_b" / "nodes.py"))
     assert (first.VALUE, second.VALUE) == (1, 2)
     assert import_node_module(str(tmp_path / "pack_a" / "nodes.py")) is first
+
+
+def test_failing_option_listing_gives_empty_options_not_a_broken_object_info():
+    def unreadable():
+        raise PermissionError("models folder unreadable")
+
+    @node(outputs=["MODEL"])
+    def Loader(name: Combo(unreadable)) -> tuple:
+        return (name,)
+
+    assert Registry([Loader]).object_info()["Loader"]["input"]["required"]["name"] == [[], {}]

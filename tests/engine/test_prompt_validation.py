@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import toy_nodes
-from engine import validate_prompt
+from engine import Combo, node, validate_prompt
 from engine.workflow import Link
 from toy_nodes import build_prompt
 
@@ -251,3 +251,21 @@ def test_wrapped_constant_list_is_a_value_not_a_link(registry):
     error = only_error(result, "1")
     assert (error.type, error.extra_info["received_value"]) == ("invalid_input_type", ["1", 0])
 
+
+
+def _unreadable_folder():
+    raise PermissionError("models folder unreadable")
+
+
+@node(outputs=[("STRING", "name")])
+def UnreadableLoader(name: Combo(_unreadable_folder)) -> tuple:
+    return (name,)
+
+
+def test_failing_option_listing_is_exception_during_validation(registry):
+    registry.register(UnreadableLoader)
+    result = validate_prompt(build_prompt(("1", "UnreadableLoader", {"name": "x"}),
+                                          ("2", "Output", {"value": ["1", 0]})), registry)
+    error = only_error(result, "1")
+    assert (error.type, error.details) == ("exception_during_validation", "name: models folder unreadable")
+    assert error.extra_info["exception_type"] == "PermissionError"
