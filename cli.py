@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        registry = load_registry(args.nodes, default_nodes=not args.no_default_nodes)
+        default_nodes = not (args.no_default_nodes or args.global_no_default_nodes)
+        registry = load_registry([*args.global_nodes, *args.nodes], default_nodes=default_nodes)
         return args.handler(args, registry)
     except UsageError as problem:
         print(f"sdgraph: error: {problem}", file=sys.stderr)
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where models run (default: auto)")
 
     parser = argparse.ArgumentParser(prog="sdgraph", description="Run ComfyUI-format Stable Diffusion workflows.")
+    # The node options work before the subcommand too (`sdgraph --nodes pack run wf.json`).
+    parser.add_argument("--nodes", dest="global_nodes", action="append", default=[], metavar="MODULE",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--no-default-nodes", dest="global_no_default_nodes", action="store_true",
+                        help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, handler, help_text, parents in SUBCOMMANDS:
         sub = commands.add_parser(name, help=help_text, description=help_text,

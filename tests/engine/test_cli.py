@@ -218,3 +218,8 @@ def test_run_with_some_outputs_invalid_runs_the_rest_and_exits_1(workflow, out_d
     summary = json.loads(capsys.readouterr().out)
     assert (summary["status"], summary["failed_outputs"]) == ("success", ["6"])
     assert (out_dir / "result.txt").read_text() == "3"
+
+
+def test_node_options_also_work_before_the_subcommand(capsys):
+    assert cli.main(["--no-default-nodes", "--nodes", TOY_NODES, "nodes", "Add"]) == 0
+    assert capsys.readouterr().out.startswith("Add  [toy]")
