@@ -1,20 +1,19 @@
 """Loading SD1.x/SD2.x checkpoints from the files users have: single files, diffusers folders, VAE files.
 
-Every path ends in `assign_weights`: the module is built on the `meta` device (nothing allocated), then each
-tensor is read from the file (memory-mapped), converted to the target dtype and device, and assigned in
-place of the meta parameter before the next is read, so peak memory is the model plus one tensor, never
-two copies of the weights (model-formats 1.2). Loading is strict: a key the model needs and the file lacks
-is an error naming the keys, the module and the file.
+Every model is built on the `meta` device (nothing allocated), then each tensor is read from the file
+(memory-mapped), converted to the target dtype and device, and put in place of the meta parameter before
+the next is read (`assign_weights`; the text encoder's own `load_weights` takes the same stream), so peak
+memory is the model plus one tensor, never two copies of the weights (model-formats 1.2). Loading is
+strict: a key the model needs and the file lacks is an error naming the keys, the module and the file.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -120,41 +119,41 @@ def refuse_fp8_scaled(source: TensorSource) -> None:
 
 def assign_weights(
     module: nn.Module,
-    read: Callable[[str], torch.Tensor],
+    source: TensorSource,
     names: Mapping[str, str],
     *,
     dtype: torch.dtype,
     device: torch.device,
     what: str,
-    source: str,
 ) -> None:
-    """Fill every parameter and buffer of `module` from `read(names[key])`, one tensor at a time.
+    """Fill every parameter and buffer of `module` from `source.get(names[key])`, one tensor at a time.
 
     names maps each of the module's state-dict keys to the key it has in the file. Floating tensors are
     converted to `dtype` as they are read; integer buffers keep theirs. 1x1-conv vs linear layouts are
     reconciled ([C, C] <-> [C, C, 1, 1], as diffusers and LDM store the VAE attention).
     """
     targets = module.state_dict(keep_vars=True)
-    missing = [key for key in targets if key not in names]
+    available = source.shapes()
+    missing = [key for key in targets if names.get(key) not in available]
     if missing:
         raise CheckpointError(
-            f"{source}: {what} is missing {len(missing)} of {len(targets)} keys, e.g. "
+            f"{source.description}: {what} is missing {len(missing)} of {len(targets)} keys, e.g. "
             f"{', '.join(repr(names.get(k, k)) for k in missing[:5])}"
         )
     for key, target in targets.items():
-        tensor = read(names[key])
+        tensor = source.get(names[key])
         if tuple(tensor.shape) != tuple(target.shape):
             if tensor.numel() != target.numel():
                 raise CheckpointError(
-                    f"{source}: {what} key {names[key]!r} has shape {list(tensor.shape)}, the model expects "
-                    f"{list(target.shape)}"
+                    f"{source.description}: {what} key {names[key]!r} has shape {list(tensor.shape)}, "
+                    f"the model expects {list(target.shape)}"
                 )
             tensor = fit_tensor_shape(tensor, tuple(target.shape), key=names[key])
         _assign(module, key, _convert(tensor, dtype, device))
         del tensor
     leftover = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftover:
-        raise CheckpointError(f"{what}: {leftover[:5]} were not loaded (non-persistent buffers on meta)")
+        raise CheckpointError(f"{source.description}: {what} tensors {leftover[:5]} were never loaded (still on meta)")
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -167,12 +166,14 @@ def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
     owner_name, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_name)
     if leaf in owner._parameters:
+        # Inference weights: no autograd bookkeeping, and LoRA patches may rewrite them in place.
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:
         owner._buffers[leaf] = tensor
 
 
-def identity_names(module_keys: Mapping[str, object] | list[str], prefix: str) -> dict[str, str]:
+def identity_names(module_keys: Iterable[str], prefix: str) -> dict[str, str]:
+    """Module key -> file key for modules named after the LDM keys (the file only adds a prefix)."""
     return {key: prefix + key for key in module_keys}
 
 
@@ -230,9 +231,9 @@ def _load_single_file(
     )
     unet = UNetModel(unet_config, device="meta")
     vae = AutoencoderKL(vae_config, device="meta")
-    load = dict(dtype=dtype, device=device, source=source.description)
-    assign_weights(unet, source.get, identity_names(unet.state_dict(), UNET_PREFIX), what="UNet", **load)
-    assign_weights(vae, source.get, identity_names(vae.state_dict(), VAE_PREFIX), what="VAE", **load)
+    load = dict(dtype=dtype, device=device)
+    assign_weights(unet, source, identity_names(unet.state_dict(), UNET_PREFIX), what="UNet", **load)
+    assign_weights(vae, source, identity_names(vae.state_dict(), VAE_PREFIX), what="VAE", **load)
     open_clip_prefix = found.text_prefix if found.family == "sd2" else None
     text_encoder = load_text_encoder(
         text_config, source, text_names, open_clip_prefix=open_clip_prefix, dtype=dtype, device=device
@@ -263,6 +264,9 @@ def check_unexpected(
         )
 
 
+_HEADS_HINT = "head counts are not stored in the weights: tiny or unusual models need overrides=HeadOverrides(...)"
+
+
 def _single_file_configs(
     shapes: Mapping[str, tuple[int, ...]],
     found: FamilyDetection,
@@ -270,26 +274,28 @@ def _single_file_configs(
     overrides: HeadOverrides,
     source: TensorSource,
 ) -> tuple[UNetConfig, VAEConfig, TextEncoderConfig]:
+    where = source.description
     try:
         unet_config = detection.unet_config_from_shapes(strip_prefix(shapes, UNET_PREFIX), found.family, overrides)
-        vae_config = detection.vae_config_from_shapes(
-            strip_prefix(shapes, VAE_PREFIX), num_groups=overrides.num_groups or 32
-        )
-        # The file's own names and shapes (open_clip for SD2): the config reader knows both namings.
-        text_shapes = {key[len(found.text_prefix):]: shapes[key] for key in set(text_names.values())}
-        text_config = text_encoder_config_from_state_dict(
-            text_shapes, base=TEXT_BASES[found.family], num_heads=overrides.text_num_heads
-        )
+        vae_shapes = strip_prefix(shapes, VAE_PREFIX)
+        vae_config = detection.vae_config_from_shapes(vae_shapes, num_groups=overrides.num_groups or 32)
+    except CheckpointError as error:
+        raise CheckpointError(f"{where}: {error}") from None
+    try:
         for width, depth in zip(unet_config.level_widths, unet_config.transformer_depth):
             if depth:
                 unet_config.heads_for(width)
-    except CheckpointError as error:
-        raise CheckpointError(f"{source.description}: {error}") from None
     except ValueError as error:
-        raise CheckpointError(
-            f"{source.description}: {error} (head counts are not stored in the weights: tiny or unusual models "
-            "need overrides=HeadOverrides(...))"
-        ) from None
+        raise CheckpointError(f"{where}: UNet: {error} ({_HEADS_HINT})") from None
+    # The file's own names and shapes (open_clip for SD2): the config reader knows both namings.
+    text_shapes = {key[len(found.text_prefix):]: shapes[key] for key in set(text_names.values())}
+    try:
+        text_config = text_encoder_config_from_state_dict(
+            text_shapes, base=TEXT_BASES[found.family], num_heads=overrides.text_num_heads
+        )
+    except ValueError as error:
+        hint = f" ({_HEADS_HINT})" if "num_heads" in str(error) else ""
+        raise CheckpointError(f"{where}: text encoder under {found.text_prefix}*: {error}{hint}") from None
     return unet_config, vae_config, text_config
 
 
@@ -314,7 +320,7 @@ def _open_clip_names(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict
     for key, shape in shapes.items():
         if not key.startswith(prefix) or is_skipped_key(key):
             continue
-        # Rename one zero-filled stand-in per key to learn the transformers name(s) it becomes.
+        # Rename a meta stand-in (no data) per key to learn the transformers name(s) it becomes.
         placeholder = torch.empty(shape, device="meta")
         for renamed, _tensor in open_clip_to_transformers([(key[len(prefix):], placeholder)]):
             names[renamed.removeprefix("text_model.")] = key
@@ -342,9 +348,10 @@ def load_text_encoder(
                 pairs = [(name_of[file_key], tensor)]
             else:
                 pairs = open_clip_to_transformers([(file_key[len(open_clip_prefix):], tensor)])
-            for name, value in pairs:
-                yield name, _convert(value, dtype, device)
+            converted = [(name, _convert(value, dtype, device)) for name, value in pairs]
+            # Drop the file's tensor before the consumer asks for the next one: one file tensor alive at a time.
             del tensor, pairs
+            yield from converted
 
     try:
         encoder.load_weights(tensors(), strict=True)
@@ -378,7 +385,8 @@ def load_vae(
         prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in shapes) else ""
         vae_shapes = {k: v for k, v in strip_prefix(shapes, prefix).items() if not is_skipped_key(k)}
         if "encoder.conv_in.weight" not in vae_shapes or "decoder.conv_in.weight" not in vae_shapes:
-            raise CheckpointError(f"{source.description}: not a VAE file. {detection.unknown_layout_message(shapes)}")
+            layout = detection.unknown_layout_message(shapes)
+            raise CheckpointError(f"{source.description}: not a VAE file (no encoder/decoder conv_in). {layout}")
         config = detection.vae_config_from_shapes(vae_shapes, num_groups=num_groups)
         vae = AutoencoderKL(config, device="meta")
         if "decoder.up_blocks.0.resnets.0.norm1.weight" in vae_shapes:
@@ -386,7 +394,8 @@ def load_vae(
             names = {ours: prefix + theirs for theirs, ours in key_map.items() if theirs in vae_shapes}
         else:
             names = identity_names(vae.state_dict(), prefix)
-        assign_weights(vae, source.get, names, dtype=dtype, device=device, what="VAE", source=source.description)
+        assign_weights(vae, source, names, dtype=dtype, device=device, what="VAE")
         if not prefix:
-            check_unexpected(shapes, set(names.values()), ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."), source.description)
+            parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+            check_unexpected(shapes, set(names.values()), parts, source.description)
     return vae

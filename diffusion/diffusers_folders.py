@@ -116,7 +116,7 @@ def load_diffusers_folder(
     unet = UNetModel(unet_config, device="meta")
     with open_component(folder / "unet", DIFFUSERS_WEIGHTS, variant) as source:
         names = _names_from_key_map(unet_diffusers_key_map(unet_config), source.shapes())
-        assign_weights(unet, source.get, names, what="UNet", source=source.description, **load)
+        assign_weights(unet, source, names, what="UNet", **load)
         check_unexpected(source.shapes(), set(names.values()), "", source.description)
     vae = load_diffusers_vae(folder / "vae", vae_config, variant=variant, **load)
     text_json = read_json(folder / "text_encoder" / "config.json")
@@ -146,7 +146,7 @@ def load_diffusers_vae(
     vae = AutoencoderKL(config, device="meta")
     with open_component(folder, DIFFUSERS_WEIGHTS, variant) as source:
         names = _names_from_key_map(vae_diffusers_key_map(config), source.shapes())
-        assign_weights(vae, source.get, names, what="VAE", source=source.description, dtype=dtype, device=device)
+        assign_weights(vae, source, names, what="VAE", dtype=dtype, device=device)
         check_unexpected(source.shapes(), set(names.values()), "", source.description)
     return vae
 

@@ -69,8 +69,8 @@ def load_pickle_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         match = re.search(r"GLOBAL ([\w.]+)", str(error))
         wanted = match.group(1) if match else str(error).splitlines()[0]
         raise CheckpointError(f"unsafe or unsupported checkpoint: {path} wants {wanted}") from None
-    except (RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from None
+    except Exception as error:  # noqa: BLE001 - the unpickler fails on garbage with any exception type
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     return _unwrap(loaded, path)
 
 

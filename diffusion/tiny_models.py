@@ -35,7 +35,7 @@ from diffusion.text_encoders import (
 )
 from diffusion.tokenizer import write_vocab_files
 from diffusion.unet import TINY_SD1_UNET, TINY_SD2_UNET, UNetConfig, UNetModel
-from diffusion.vae import TINY_VAE, AutoencoderKL, VAEConfig
+from diffusion.vae import TINY_VAE, AutoencoderKL
 
 FAMILIES = ("sd1", "sd2")
 
@@ -194,9 +194,11 @@ def write_tiny_diffusers_folder(
     folder = Path(folder)
     dtype = torch.float16 if variant == "fp16" else torch.float32
     unet_config = tiny_unet_config(family)
+    unet_weights = unet_state_dict_to_diffusers(tiny_unet_weights(family, seed), unet_config)
+    vae_weights = vae_state_dict_to_diffusers(tiny_vae_weights(seed), TINY_VAE)
     components = {
-        "unet": (unet_config_to_diffusers(unet_config), unet_state_dict_to_diffusers(tiny_unet_weights(family, seed), unet_config), "diffusion_pytorch_model"),
-        "vae": (vae_config_to_diffusers(TINY_VAE), vae_state_dict_to_diffusers(tiny_vae_weights(seed), TINY_VAE), "diffusion_pytorch_model"),
+        "unet": (unet_config_to_diffusers(unet_config), unet_weights, "diffusion_pytorch_model"),
+        "vae": (vae_config_to_diffusers(TINY_VAE), vae_weights, "diffusion_pytorch_model"),
         "text_encoder": (_text_encoder_config_json(family), _diffusers_text_weights(family, seed), "model"),
     }
     for name, (config, weights, base) in components.items():

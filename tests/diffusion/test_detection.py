@@ -116,9 +116,16 @@ def test_text_encoder_config_is_read_from_the_file(family, tiny_sd1_checkpoint, 
     assert loaded.text_config == {"sd1": TINY_SD1_TEXT, "sd2": TINY_SD2_TEXT}[family]
 
 
-def test_missing_head_override_is_a_clear_error_for_tiny_sd2(tiny_sd2_checkpoint):
-    with pytest.raises(CheckpointError, match=r"tiny_sd2.safetensors: .*pass num_heads.*HeadOverrides"):
+def test_missing_unet_head_override_is_a_clear_error_for_tiny_sd2(tiny_sd2_checkpoint):
+    with pytest.raises(CheckpointError, match=r"tiny_sd2\.safetensors: UNet: transformer width 32 does not split "
+                                              r"into heads .*HeadOverrides"):
         load_checkpoint(tiny_sd2_checkpoint)
+
+
+def test_missing_text_head_override_is_a_clear_error_for_tiny_sd2(tiny_sd2_checkpoint):
+    with pytest.raises(CheckpointError, match=r"tiny_sd2\.safetensors: text encoder under cond_stage_model\.model\.\*: "
+                                              r"text encoder width 32 is not a multiple of 64.*HeadOverrides"):
+        load_checkpoint(tiny_sd2_checkpoint, overrides=HeadOverrides(unet_head_width=16))
 
 
 def test_sdxl_base_is_named_and_refused(tmp_path):
@@ -156,7 +163,8 @@ def test_sdxl_diffusers_folder_is_refused(tiny_sd1_folder, tmp_path):
     folder = tmp_path / "xl"
     shutil.copytree(tiny_sd1_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index |= {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="detected SDXL diffusers folder; not supported yet"):
         load_checkpoint(folder)

@@ -127,7 +127,8 @@ def test_scheduler_config_loads_in_diffusers(tiny_sd2_folder, tmp_path):
     assert scheduler.config.prediction_type == "epsilon"
     assert scheduler.config.beta_schedule == "scaled_linear"
     v_folder = write_tiny_diffusers_folder(tmp_path / "v", "sd2", v_prediction=True)
-    assert json.loads((v_folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    v_config = json.loads((v_folder / "scheduler" / "scheduler_config.json").read_text())
+    assert v_config["prediction_type"] == "v_prediction"
 
 
 def test_sharded_fp16_variant_folder_loads_in_diffusers(tmp_path):
