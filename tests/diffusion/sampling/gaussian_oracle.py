@@ -49,17 +49,21 @@ def karras64(n: int, sigma_min: float = SD_SIGMA_MIN, sigma_max: float = SD_SIGM
 class GaussianEpsNetwork:
     """A stand-in UNet: predicts the exact eps of GaussianData for the sigma its timestep names.
 
-    Records each call's batch size and context so tests can see how conditions were batched. Its
+    Records each call's input and context shapes, inputs and `y` so tests can see how conditions were batched. Its
     prediction ignores the context except through `context_gain`: mean(context) * gain shifts eps, so
     cond and uncond differ in a known way.
     """
 
     def __init__(self, data: GaussianData, ms: ModelSampling, context_gain: float = 0.0) -> None:
         self.data, self.ms, self.context_gain = data, ms, context_gain
-        self.calls: list[tuple[int, tuple[int, ...]]] = []
+        self.calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.inputs: list[Tensor] = []
+        self.ys: list[Tensor | None] = []
 
     def __call__(self, x_in: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
-        self.calls.append((x_in.shape[0], tuple(context.shape)))
+        self.calls.append((tuple(x_in.shape), tuple(context.shape)))
+        self.inputs.append(x_in)
+        self.ys.append(y)
         sigma = self.ms.sigma(float(timestep[0]))
         x = x_in / self.ms.c_in(sigma)
         eps = self.data.eps(x, sigma)
