@@ -7,6 +7,7 @@ with the key maps and assigned one at a time like every other loader.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,6 +128,10 @@ def load_diffusers_folder(
             base=TEXT_BASES[family],
             num_heads=text_json.get("num_attention_heads"),
         )
+        if family == "sd2":
+            # diffusers' SD2 towers end at the penultimate block already (its last one was dropped when the
+            # folder was made), so SD2's "penultimate layer" default is this tower's last layer.
+            text_config = dataclasses.replace(text_config, default_layer=-1)
         text_encoder = load_text_encoder(text_config, source, names, open_clip_prefix=None, **load)
     choice = _folder_prediction(folder, prediction)
     return LoadedCheckpoint(

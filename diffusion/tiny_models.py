@@ -189,7 +189,8 @@ def write_tiny_diffusers_folder(
     """A diffusers pipeline folder holding the same weights as write_tiny_checkpoint with the same seed.
 
     variant "fp16" stores fp16 tensors under `*.fp16.*` names; sharded splits each weight file in two with
-    an index. SD2's text encoder is a plain CLIPTextModel as in real SD2 folders: no text projection.
+    an index. SD2's text encoder is stored as real SD2 folders store it: a plain CLIPTextModel (no
+    projection) without the last block.
     """
     folder = Path(folder)
     dtype = torch.float16 if variant == "fp16" else torch.float32
@@ -213,9 +214,13 @@ def write_tiny_diffusers_folder(
 
 def _diffusers_text_weights(family: str, seed: int) -> dict[str, torch.Tensor]:
     weights = tiny_text_weights(family, seed)
-    # Hub folders written before transformers 5.6 keep the `text_model.` level; the projection lives
-    # outside it (CLIPTextModelWithProjection) and SD2's pipeline uses the plain model without it.
-    return {f"text_model.{k}": v for k, v in weights.items() if not k.startswith("text_projection")}
+    if family == "sd2":
+        # Real SD2 folders store the tower without its last block, so that the last hidden state is SD2's
+        # penultimate layer (model-formats 4), and without the projection (a plain CLIPTextModel).
+        dropped = f"encoder.layers.{tiny_text_config(family).num_layers - 1}."
+        weights = {k: v for k, v in weights.items() if not k.startswith((dropped, "text_projection"))}
+    # Hub folders written before transformers 5.6 keep the `text_model.` level.
+    return {f"text_model.{k}": v for k, v in weights.items()}
 
 
 def _text_encoder_config_json(family: str) -> dict:
@@ -225,7 +230,7 @@ def _text_encoder_config_json(family: str) -> dict:
         "model_type": "clip_text_model",
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
+        "num_hidden_layers": config.num_layers - 1 if family == "sd2" else config.num_layers,
         "num_attention_heads": config.num_heads,
         "max_position_embeddings": config.max_positions,
         "vocab_size": config.vocab_size,

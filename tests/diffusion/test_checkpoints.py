@@ -60,9 +60,19 @@ def test_sd2_single_file_and_diffusers_folder_load_identical_tensors(tiny_sd2_ch
     single, folder = load_tiny(tiny_sd2_checkpoint, "sd2"), load_checkpoint(tiny_sd2_folder)
     for part in ("unet", "vae"):
         assert differing_keys(state(single, part), state(folder, part)) == [], part
-    # SD2 diffusers folders hold a plain CLIPTextModel: everything but the open_clip text projection.
-    text = {k: v for k, v in state(single, "text_encoder").items() if not k.startswith("text_projection")}
+    # SD2 diffusers folders hold a plain CLIPTextModel without the projection and without the last block.
+    last_block = f"transformer.encoder.layers.{single.text_config.num_layers - 1}."
+    text = {k: v for k, v in state(single, "text_encoder").items()
+            if not k.startswith(("text_projection", last_block))}
     assert differing_keys(text, state(folder, "text_encoder")) == []
+
+
+def test_sd2_folder_encodes_the_same_default_layer_as_the_single_file(tiny_sd2_checkpoint, tiny_sd2_folder):
+    single, folder = load_tiny(tiny_sd2_checkpoint, "sd2"), load_checkpoint(tiny_sd2_folder)
+    assert (single.text_config.default_layer, folder.text_config.default_layer) == (-2, -1)
+    tokens = [[49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70]
+    with torch.no_grad():
+        assert torch.equal(single.text_encoder.encode_tokens(tokens)[0], folder.text_encoder.encode_tokens(tokens)[0])
 
 
 def test_single_file_tensors_are_the_written_tensors(tiny_sd2_checkpoint):
