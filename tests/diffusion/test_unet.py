@@ -138,14 +138,20 @@ def test_real_presets_have_the_published_parameter_counts(config, parameters):
 
 
 @torch.no_grad()
-def test_bfloat16_stays_close_to_float32():
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    # fp16 keeps 11 mantissa bits, bf16 8 (model-formats 10.4: fp16 ~1e-2 relative); measured 2e-3 and 1.6e-2.
+    [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)],
+    ids=["float16", "bfloat16"],
+)
+def test_half_precision_stays_close_to_float32(dtype, tolerance):
     config = TINY_SD1_UNET
     model = unet_from_reference(reference_unet(config), config)
     inputs = unet_inputs(config)
     expected = _our_forward(model, inputs)
-    half = _our_forward(model.to(torch.bfloat16), inputs)
+    half = _our_forward(model.to(dtype), inputs)
     assert half.dtype == torch.float32  # the prediction comes back in the latent's dtype
-    assert normalised_error(half, expected) < 0.05
+    assert normalised_error(half, expected) < tolerance
 
 
 @torch.no_grad()
