@@ -18,17 +18,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .noise import to_device
+from .noise import splitmix64, to_device
 
 _MASK64 = (1 << 64) - 1
-
-
-def splitmix64(value: int) -> int:
-    """Steele et al.'s SplitMix64 finaliser: a cheap, well-mixed 64-bit hash for child seeds."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
 
 
 class BrownianTree:

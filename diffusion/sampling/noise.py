@@ -2,10 +2,12 @@
 
 Initial noise (model-formats.md 8.4): one float32 standard-normal draw of the latent's full shape from a
 CPU generator seeded with the node's seed, so batch item 0 is the same at any batch size.
-Per-step noise (our policy, 8.5): ComfyUI draws it on the sampling device, which makes CUDA runs differ
-from CPU runs. We draw it from a second CPU generator seeded with the same seed and move it to the
-device, so a seed gives the same image on CPU and GPU; on CPU this is exactly ComfyUI's noise (the first
-step's noise equals the initial noise).
+Per-step noise (our policy, 8.5): ComfyUI draws it on the sampling device from one generator for the whole
+batch, so CUDA runs differ from CPU runs and an image depends on its batch size. We draw it on the CPU
+(then move it), one generator per batch position: position 0 is seeded with the seed itself, position
+k > 0 with a SplitMix64 hash of (seed, k). So a seed gives the same image on CPU and GPU, batch item k
+is the same at any batch size (or alone, via LATENT `batch_index`), and a batch-1 CPU run equals
+ComfyUI's exactly (its first step's noise is the initial noise).
 """
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ from torch import Tensor
 
 # Seeds arrive from the KSampler widget as 0 .. 2**64 - 1, which torch.Generator accepts unchanged.
 MAX_SEED = 2**64 - 1
+
+
+def splitmix64(value: int) -> int:
+    """Steele et al.'s SplitMix64 finaliser: a cheap, well-mixed 64-bit hash for derived seeds."""
+    value = (value + 0x9E3779B97F4A7C15) & MAX_SEED
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MAX_SEED
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MAX_SEED
+    return value ^ (value >> 31)
+
+
+def item_seed(seed: int, position: int) -> int:
+    """The per-step noise seed of batch position `position` (the module docstring's policy)."""
+    return seed if position == 0 else splitmix64((seed + position * 0x9E3779B97F4A7C15) & MAX_SEED)
 
 
 def cpu_generator(seed: int) -> torch.Generator:
@@ -48,15 +63,25 @@ def to_device(noise: Tensor, like: Tensor) -> Tensor:
 
 
 class GaussianNoiseSampler:
-    """Fresh standard-normal noise per call, drawn on a CPU generator (the policy in the module docstring)."""
+    """Fresh standard-normal noise per call from per-position CPU generators (the module docstring's policy).
 
-    def __init__(self, like: Tensor, seed: int) -> None:
+    `like` is [B, ...]; `batch_index` gives each item's original batch position (default 0 .. B-1).
+    """
+
+    def __init__(self, like: Tensor, seed: int, batch_index: Sequence[int] | None = None) -> None:
+        if like.dim() == 0:
+            raise ValueError("per-step noise needs a batched latent, got a 0-d tensor")
+        positions = list(batch_index) if batch_index is not None else list(range(like.shape[0]))
+        if len(positions) != like.shape[0]:
+            raise ValueError(f"batch_index has {len(positions)} entries for a batch of {like.shape[0]}")
+        cpu_generator(seed)  # validates the seed range
         self.like = like
-        self.generator = cpu_generator(seed)
+        self.generators = [torch.Generator(device="cpu").manual_seed(item_seed(seed, p)) for p in positions]
+        self.item_shape = tuple(like.shape[1:])
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
-        noise = torch.randn(tuple(self.like.shape), generator=self.generator, dtype=torch.float32)
-        return to_device(noise, self.like)
+        items = [torch.randn(self.item_shape, generator=g, dtype=torch.float32) for g in self.generators]
+        return to_device(torch.stack(items), self.like)
 
 
 class DeviceNoiseSampler:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from torch import Tensor
 
@@ -119,12 +119,14 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-def make_noise_sampler(kind: NoiseKind, x: Tensor, sigmas: Tensor, seed: int) -> NoiseSampler | None:
+def make_noise_sampler(
+    kind: NoiseKind, x: Tensor, sigmas: Tensor, seed: int, batch_index: Sequence[int] | None = None
+) -> NoiseSampler | None:
     """The noise source a sampler needs; Brownian trees span [smallest nonzero sigma, largest sigma]."""
     if kind == "none":
         return None
     if kind == "gaussian":
-        return GaussianNoiseSampler(x, seed)
+        return GaussianNoiseSampler(x, seed, batch_index)
     positive = [s for s in sigmas.tolist() if s > 0.0]
     return BrownianTreeNoiseSampler(x, min(positive), max(positive), seed, on_device=kind == "brownian_device")
 
@@ -138,12 +140,13 @@ def run_sampler(
     seed: int,
     model_sampling: ModelSampling | None = None,
     callback: StepCallback | None = None,
+    batch_index: Sequence[int] | None = None,
     **options: Any,
 ) -> Tensor:
     """Run the named sampler from `x` (already noised to sigmas[0]) down `sigmas`."""
     spec = get_sampler(name)
     kwargs: dict[str, Any] = {**spec.options, **options, "callback": callback}
-    noise = make_noise_sampler(spec.noise, x, sigmas, seed)
+    noise = make_noise_sampler(spec.noise, x, sigmas, seed, batch_index)
     if noise is not None:
         kwargs["noise"] = noise
     if spec.needs_model_sampling:

@@ -152,7 +152,15 @@ def sample_custom(
             callback(step, total, x_step, denoised)
 
     samples = run_sampler(
-        sampler_name, denoiser, x, sigmas, seed=seed, model_sampling=ms, callback=on_step, **(sampler_options or {})
+        sampler_name,
+        denoiser,
+        x,
+        sigmas,
+        seed=seed,
+        model_sampling=ms,
+        callback=on_step,
+        batch_index=batch_index,
+        **(sampler_options or {}),
     )
     samples = ms.inverse_noise_scaling(last, samples)
     return SampleOutput(model.latent_format.process_out(samples), model.latent_format.process_out(last_denoised[0]))

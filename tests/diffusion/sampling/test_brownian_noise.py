@@ -76,10 +76,19 @@ def test_ancestral_first_step_noise_on_cpu_equals_the_initial_noise():
 
 
 def test_step_noise_takes_the_latent_dtype():
-    like = torch.zeros(2, 3, dtype=torch.float64)
+    like = torch.zeros(1, 3, dtype=torch.float64)
     noise = GaussianNoiseSampler(like, 1)(1.0, 0.5)
     assert noise.dtype == torch.float64
-    assert torch.equal(noise, initial_noise((2, 3), 1).double())
+    assert torch.equal(noise, initial_noise((1, 3), 1).double())
+
+
+def test_each_batch_position_has_its_own_step_noise_stream():
+    batch = GaussianNoiseSampler(torch.zeros(3, 4, 4), 9)
+    alone = GaussianNoiseSampler(torch.zeros(1, 4, 4), 9, batch_index=[2])
+    first_batch, first_alone = batch(1.0, 0.5), alone(1.0, 0.5)
+    assert torch.equal(first_batch[2:], first_alone)
+    assert torch.equal(batch(0.5, 0.2)[2:], alone(0.5, 0.2))
+    assert not torch.equal(first_batch[0], first_batch[1])
 
 
 def test_full_seed_range_is_accepted_and_negative_seeds_are_not():
