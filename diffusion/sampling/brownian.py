@@ -98,4 +98,6 @@ class BrownianTreeNoiseSampler:
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         low, high = min(sigma, sigma_next), max(sigma, sigma_next)
         increment = (self.tree(high) - self.tree(low)) / math.sqrt(high - low)
-        return to_device(increment.float(), self.like) if increment.device.type == "cpu" else increment.to(self.like.dtype)
+        if increment.device.type == "cpu":
+            return to_device(increment.float(), self.like)
+        return increment.to(self.like.dtype)

@@ -33,8 +33,9 @@ class NoiseSampler(Protocol):
     def __call__(self, sigma: float, sigma_next: float) -> Tensor: ...
 
 
-# callback(step, total, x, denoised): step is 0-based; `x` is the sample entering that step and `denoised`
-# the model's x0 estimate there (for previews). Whatever it raises (an interrupt) propagates unchanged.
+# callback(step, total, x, denoised): step is 0-based (report step + 1 of total as progress); `x` is the
+# sample entering that step and `denoised` the model's x0 estimate there (for previews). total is 0 when
+# the sampler cannot know it in advance (dpm_adaptive). Whatever it raises (an interrupt) propagates unchanged.
 StepCallback = Callable[[int, int, Tensor, Tensor], None]
 
 

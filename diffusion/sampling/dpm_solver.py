@@ -72,7 +72,8 @@ def _step_3(
         - (eps_r1 - eps) * (_sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1.0))
     )
     eps_r2, _ = model(u2, s2)
-    return x - eps * (_sigma(t_next) * math.expm1(h)) - (eps_r2 - eps) * (_sigma(t_next) / r2 * (math.expm1(h) / h - 1.0))
+    correction = (eps_r2 - eps) * (_sigma(t_next) / r2 * (math.expm1(h) / h - 1.0))
+    return x - eps * (_sigma(t_next) * math.expm1(h)) - correction
 
 
 def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tuple[float, float]:

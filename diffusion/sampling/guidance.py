@@ -10,7 +10,7 @@ the model in one batch; prompts of different token lengths are repeated to their
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -203,6 +203,21 @@ class CondBatcher:
         self.apply_model = apply_model
         self.ms = model_sampling
         self.prepared = [[_prepare(c, latent_shape, model_sampling, encode_y) for c in conds] for conds in cond_lists]
+        self._moved: dict[tuple, _Prepared] = {}
+
+    def _on_device(self, cond: _Prepared, like: Tensor) -> _Prepared:
+        """The condition's tensors on the sampling device and dtype, moved once per run, not per step."""
+        key = (id(cond), like.device, like.dtype, like.shape[0])
+        moved = self._moved.get(key)
+        if moved is None:
+            batch = like.shape[0]
+
+            def move(tensor: Tensor | None) -> Tensor | None:
+                return None if tensor is None else repeat_to_batch(tensor, batch).to(like.device, like.dtype)
+
+            moved = replace(cond, cross_attn=move(cond.cross_attn), y=move(cond.y), weight=move(cond.weight))
+            self._moved[key] = moved
+        return moved
 
     def _chunks(self, x: Tensor, sigma: float, slots: Sequence[int]) -> list[_Chunk]:
         chunks = []
@@ -213,11 +228,8 @@ class CondBatcher:
                     continue
                 h, w, y, x0 = cond.area
                 region = x[:, :, y : y + h, x0 : x0 + w]
-                batch = region.shape[0]
-                weight = repeat_to_batch(cond.weight, batch).to(x.device, x.dtype)
-                context = repeat_to_batch(cond.cross_attn, batch).to(x.device, x.dtype)
-                y_input = repeat_to_batch(cond.y, batch).to(x.device, x.dtype) if cond.y is not None else None
-                chunks.append(_Chunk(slot, cond.area, region, weight, context, y_input))
+                moved = self._on_device(cond, x)
+                chunks.append(_Chunk(slot, cond.area, region, moved.weight, moved.cross_attn, moved.y))
         return chunks
 
     def _run(self, group: list[_Chunk], sigma: float) -> list[Tensor]:

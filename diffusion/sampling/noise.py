@@ -82,14 +82,3 @@ class GaussianNoiseSampler:
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         items = [torch.randn(self.item_shape, generator=g, dtype=torch.float32) for g in self.generators]
         return to_device(torch.stack(items), self.like)
-
-
-class DeviceNoiseSampler:
-    """Per-step noise from a generator on the sampling device itself (ComfyUI's own behaviour)."""
-
-    def __init__(self, like: Tensor, seed: int) -> None:
-        self.like = like
-        self.generator = torch.Generator(device=like.device).manual_seed(seed)
-
-    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
-        return torch.randn(tuple(self.like.shape), generator=self.generator, device=self.like.device).to(self.like.dtype)

@@ -6,7 +6,6 @@ with `plms` (diffusers' PNDM without Runge-Kutta steps, not in ComfyUI) at the e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from torch import Tensor
@@ -41,19 +40,20 @@ class SamplerSpec:
     inpaint_fresh_noise: bool = False
 
 
-def _sigma_range_sampler(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def _sigma_range(sigmas: Tensor) -> tuple[float, float, int]:
     """dpm_fast / dpm_adaptive see only sigma_max, the last nonzero sigma and the step count (ComfyUI)."""
+    s = sigmas.tolist()
+    return (s[-1] if s[-1] > 0.0 else s[-2]), s[0], len(s) - 1
 
-    def run(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
-        s = sigmas.tolist()
-        sigma_min = s[-1] if s[-1] > 0.0 else s[-2]
-        if fn is sample_dpm_fast:
-            return sample_dpm_fast(denoiser, x, sigma_min, s[0], len(s) - 1, callback=callback)
-        return sample_dpm_adaptive(denoiser, x, sigma_min, s[0], callback=callback)
 
-    run.__name__ = fn.__name__
-    run.__doc__ = fn.__doc__
-    return run
+def _dpm_fast(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
+    sigma_min, sigma_max, steps = _sigma_range(sigmas)
+    return sample_dpm_fast(denoiser, x, sigma_min, sigma_max, steps, callback=callback)
+
+
+def _dpm_adaptive(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
+    sigma_min, sigma_max, _ = _sigma_range(sigmas)
+    return sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, callback=callback)
 
 
 _VE_ONLY = {"supports_flow": False}
@@ -72,8 +72,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
         single.sample_dpm_2_ancestral, "gaussian", discard_penultimate_sigma=True, **_VE_ONLY
     ),
     "lms": SamplerSpec(multi.sample_lms),
-    "dpm_fast": SamplerSpec(_sigma_range_sampler(sample_dpm_fast)),
-    "dpm_adaptive": SamplerSpec(_sigma_range_sampler(sample_dpm_adaptive)),
+    "dpm_fast": SamplerSpec(_dpm_fast),
+    "dpm_adaptive": SamplerSpec(_dpm_adaptive),
     "dpmpp_2s_ancestral": SamplerSpec(single.sample_dpmpp_2s_ancestral, "gaussian", **_VE_ONLY),
     "dpmpp_2s_ancestral_cfg_pp": SamplerSpec(
         single.sample_dpmpp_2s_ancestral, "gaussian", {"cfg_pp": True}, needs_uncond=True, **_VE_ONLY

@@ -5,7 +5,6 @@ Facts: model-formats.md 8.4 (start noise, denoise, inpainting) and ComfyUI's KSa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 

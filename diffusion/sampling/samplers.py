@@ -59,7 +59,9 @@ def sample_euler_ancestral(
     return x
 
 
-def sample_euler_cfg_pp(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
+def sample_euler_cfg_pp(
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None
+) -> Tensor:
     """CFG++ Euler (Chung et al. 2024): step from the guided x0 along the unconditional noise direction."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):

@@ -115,7 +115,8 @@ def test_mask_weights_the_prediction_by_mask_times_strengths_without_feathering(
     exact = GaussianData().denoise(x, sigma)
     torch.testing.assert_close(out[..., :4], exact[..., :4], rtol=1e-5, atol=1e-5)
     weight = 0.5 * 2.0
-    torch.testing.assert_close(out[..., 4:], exact[..., 4:] - sigma * GAIN * weight / (1 + weight), rtol=1e-5, atol=1e-5)
+    expected = exact[..., 4:] - sigma * GAIN * weight / (1 + weight)
+    torch.testing.assert_close(out[..., 4:], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_set_area_to_bounds_crops_the_model_input_to_the_mask(sd_sampling, sigma, x):
