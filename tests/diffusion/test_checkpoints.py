@@ -1,5 +1,7 @@
 """Loading checkpoints: round trips between formats, dtypes, memory, and every kind of bad file."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion import safetensors_io
-from diffusion.checkpoints import load_checkpoint, load_vae
+from diffusion.checkpoints import default_dtype, load_checkpoint, load_vae
 from diffusion.memory import weight_bytes
 from diffusion.safetensors_io import CheckpointError
 from diffusion.tiny_models import (
@@ -82,6 +84,15 @@ def test_single_file_tensors_are_the_written_tensors(tiny_sd2_checkpoint):
                                  if k.startswith("model.diffusion_model.")}) == []
 
 
+def test_old_sd1_file_without_the_text_model_level_loads_the_same(tmp_path, tiny_sd1_checkpoint):
+    def drop_level(tensors):
+        for key in [k for k in tensors if k.startswith("cond_stage_model.transformer.text_model.")]:
+            tensors[key.replace("transformer.text_model.", "transformer.")] = tensors.pop(key)
+
+    old = load_tiny(rewrite(tiny_sd1_checkpoint, tmp_path / "old.safetensors", drop_level))
+    assert differing_keys(state(old, "text_encoder"), state(load_tiny(tiny_sd1_checkpoint), "text_encoder")) == []
+
+
 def test_open_clip_in_proj_is_split_into_q_k_v(tiny_sd2_checkpoint):
     fused = load_file(tiny_sd2_checkpoint)["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"]
     text = {k.removeprefix("transformer.").removeprefix("text_model."): v
@@ -90,10 +101,19 @@ def test_open_clip_in_proj_is_split_into_q_k_v(tiny_sd2_checkpoint):
     assert torch.equal(loaded, fused)
 
 
-def test_loaded_unet_computes_like_one_loaded_the_ordinary_way(tiny_sd1_checkpoint):
+@pytest.fixture
+def one_thread():
+    # A tiny forward pass gains nothing from threads and, on a busy 2-core machine, loses seconds to them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loaded_unet_computes_like_one_loaded_the_ordinary_way(tiny_sd1_checkpoint, one_thread):
     loaded = load_tiny(tiny_sd1_checkpoint)
-    reference = UNetModel(loaded.unet_config)
-    reference.load_state_dict({k: v.clone() for k, v in state(loaded, "unet").items()})
+    reference = UNetModel(loaded.unet_config, device="meta")
+    reference.load_state_dict({k: v.clone() for k, v in state(loaded, "unet").items()}, assign=True)
     torch.manual_seed(0)
     x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -108,6 +128,31 @@ def test_sharded_fp16_variant_folder_loads_the_fp16_weights(tmp_path, tiny_sd1_c
     single = load_tiny(tiny_sd1_checkpoint, dtype=torch.float16)
     for part in PARTS:
         assert differing_keys(state(single, part), state(loaded, part)) == [], part
+
+
+def test_old_folder_with_pickled_bin_weights_loads_the_same(tmp_path, tiny_sd1_folder):
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_sd1_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    for part in PARTS:
+        assert differing_keys(state(load_checkpoint(folder), part), state(load_checkpoint(tiny_sd1_folder), part)) == []
+
+
+def test_transformers_spelling_of_a_sharded_variant_index_is_found(tmp_path, tiny_sd1_folder):
+    from diffusion.diffusers_folders import component_weight_files
+
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    weights = load_file(tiny_sd1_folder / "text_encoder" / "model.safetensors")
+    keys = sorted(weights)
+    for number, part in enumerate((keys[:10], keys[10:]), start=1):
+        save_file({k: weights[k] for k in part}, str(folder / f"model.fp16-0000{number}-of-00002.safetensors"))
+    weight_map = {k: f"model.fp16-0000{1 if i < 10 else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (folder / "model.fp16.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert [p.name for p in component_weight_files(folder, "model", "fp16")] == [
+        "model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors"]
 
 
 def test_missing_variant_lists_the_files_found(tiny_sd1_folder):
@@ -143,6 +188,16 @@ def test_default_dtype_on_cpu_is_fp32_even_for_an_fp16_file(tmp_path):
 
     loaded = load_tiny(write_tiny_checkpoint(tmp_path / "half.safetensors", dtype=torch.float16))
     assert {p.dtype for part in PARTS for p in getattr(loaded, part).parameters()} == {torch.float32}
+
+
+def test_tensors_are_placed_on_the_requested_device(tiny_sd1_checkpoint):
+    loaded = load_tiny(tiny_sd1_checkpoint, device="meta", dtype=torch.float16)
+    assert {(p.device.type, p.dtype) for part in PARTS for p in getattr(loaded, part).parameters()} == {
+        ("meta", torch.float16)}
+
+
+def test_default_dtype_is_fp16_on_cuda_and_fp32_on_cpu():
+    assert (default_dtype("cuda:0"), default_dtype("cpu")) == (torch.float16, torch.float32)
 
 
 def test_mixed_precision_file_is_converted_per_tensor(tmp_path, tiny_sd1_checkpoint):
