@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from unet_vae_support import (
     PARITY_TOLERANCE,
+    ablated_outputs,
     normalised_error,
     reference_unet,
     unet_from_reference,
@@ -92,16 +95,8 @@ def test_no_block_is_numerically_invisible(name):
     # and still pass; every block must move the output by at least 100x the tolerance.
     config = TINY_UNETS[name]
     model = unet_from_reference(reference_unet(config), config)
-    inputs = unet_inputs(config, batch=1, size=(8, 8))
-    baseline = _our_forward(model, inputs)
-    changes = {}
-    for block, layer in _output_projections(model).items():
-        saved = [p.clone() for p in layer.parameters()]
-        for parameter in layer.parameters():
-            parameter.zero_()
-        changes[block] = normalised_error(_our_forward(model, inputs), baseline)
-        for parameter, value in zip(layer.parameters(), saved):
-            parameter.copy_(value)
+    layers = _output_projections(model)
+    changes = ablated_outputs(layers, partial(_our_forward, model), unet_inputs(config, batch=1, size=(8, 8)))
     weakest = min(changes, key=changes.get)
     assert changes[weakest] > 100 * PARITY_TOLERANCE, (weakest, changes[weakest])
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from unet_vae_support import PARITY_TOLERANCE, normalised_error, reference_vae, vae_from_reference
+from unet_vae_support import (
+    PARITY_TOLERANCE,
+    ablated_outputs,
+    normalised_error,
+    reference_vae,
+    vae_from_reference,
+)
 
-from diffusion.vae import SD3_VAE, SD_VAE, TINY_SD3_VAE, TINY_VAE, AutoencoderKL, VAEConfig
+from diffusion.vae import SD3_VAE, SD_VAE, TINY_SD3_VAE, TINY_VAE, AttnBlock, AutoencoderKL, ResnetBlock, VAEConfig
 
 TINY_VAES = {"sd": TINY_VAE, "sd3": TINY_SD3_VAE}
 
@@ -50,6 +56,26 @@ def test_decode_matches_diffusers(vae_pair):
     config, reference, ours = vae_pair
     latent = _latent(config, 2, 8, 6)
     assert normalised_error(ours.decode(latent), reference.decode(latent).sample) < PARITY_TOLERANCE
+
+
+@torch.no_grad()
+def test_no_block_is_numerically_invisible(tiny_vae):
+    # model-formats 10.2: zeroing any block's output projection must move the encoding (encoder blocks) or
+    # the decoding (decoder blocks) by at least 100x the parity tolerance.
+    def output_layers(part: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        return {
+            name: module.conv2 if isinstance(module, ResnetBlock) else module.proj_out
+            for name, module in part.named_modules()
+            if isinstance(module, (ResnetBlock, AttnBlock))
+        }
+
+    encoder_layers, decoder_layers = output_layers(tiny_vae.encoder), output_layers(tiny_vae.decoder)
+    assert (len(encoder_layers), len(decoder_layers)) == (4 * 2 + 3, 4 * 3 + 3)  # levels x resnets + mid
+    pixels, latent = _pixels(1, 32, 32), _latent(TINY_VAE, 1, 4, 4)
+    changes = ablated_outputs(encoder_layers, lambda batch: tiny_vae.encode(batch["pixels"]), {"pixels": pixels})
+    changes |= ablated_outputs(decoder_layers, lambda batch: tiny_vae.decode(batch["latent"]), {"latent": latent})
+    weakest = min(changes, key=changes.get)
+    assert changes[weakest] > 100 * PARITY_TOLERANCE, (weakest, changes[weakest])
 
 
 @torch.no_grad()

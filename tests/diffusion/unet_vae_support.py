@@ -41,6 +41,30 @@ def normalised_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
+def ablated_outputs(layers: dict[str, nn.Module], run, batch_item: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How much zeroing each layer's output moves the model's output, all ablations in one batched call.
+
+    Batch item ``i`` sees layer ``i`` output zeros (a forward hook masks it per item); the last item is the
+    intact baseline. ``run`` maps a dict of batched inputs to the output; every input has batch size 1.
+    """
+    batch = len(layers) + 1
+    hooks = []
+    for index, layer in enumerate(layers.values()):
+        keep = torch.ones(batch)
+        keep[index] = 0.0
+
+        def mask(module, args, output, keep=keep):
+            return output * keep.to(output.dtype).view(-1, *[1] * (output.ndim - 1))
+
+        hooks.append(layer.register_forward_hook(mask))
+    try:
+        output = run({name: value.repeat(batch, *[1] * (value.ndim - 1)) for name, value in batch_item.items()})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: normalised_error(output[i], output[-1]) for i, name in enumerate(layers)}
+
+
 def reference_unet(config: UNetConfig, seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     reference = UNet2DConditionModel.from_config(unet_config_to_diffusers(config)).eval()
