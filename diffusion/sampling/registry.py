@@ -34,8 +34,10 @@ class SamplerSpec:
     discard_penultimate_sigma: bool = False
     needs_uncond: bool = False  # CFG++: the guider must not skip the uncond pass at cfg == 1
     needs_model_sampling: bool = False
-    # The renoising formulas assume VE variables; flow models need ComfyUI's separate "RF" variants.
+    # The renoising formulas assume VE variables; flow models need ComfyUI's separate "RF" variants,
+    # which `flow_options` selects where one exists.
     supports_flow: bool = True
+    flow_options: Mapping[str, Any] | None = None
     # ComfyUI's "ddim" re-noises the inpainting context with a fresh draw seeded seed + 1 (8.4).
     inpaint_fresh_noise: bool = False
 
@@ -61,7 +63,7 @@ _VE_ONLY = {"supports_flow": False}
 SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(single.sample_euler),
     "euler_cfg_pp": SamplerSpec(single.sample_euler_cfg_pp, needs_uncond=True),
-    "euler_ancestral": SamplerSpec(single.sample_euler_ancestral, "gaussian", **_VE_ONLY),
+    "euler_ancestral": SamplerSpec(single.sample_euler_ancestral, "gaussian", flow_options={"flow": True}),
     "euler_ancestral_cfg_pp": SamplerSpec(
         single.sample_euler_ancestral_cfg_pp, "gaussian", needs_uncond=True, **_VE_ONLY
     ),
@@ -145,7 +147,11 @@ def run_sampler(
 ) -> Tensor:
     """Run the named sampler from `x` (already noised to sigmas[0]) down `sigmas`."""
     spec = get_sampler(name)
-    kwargs: dict[str, Any] = {**spec.options, **options, "callback": callback}
+    is_flow = model_sampling is not None and model_sampling.is_flow
+    if is_flow and not spec.supports_flow:
+        raise ValueError(f"sampler {name!r} renoises in VE variables and does not support flow models yet")
+    flow_options = spec.flow_options if is_flow and spec.flow_options else {}
+    kwargs: dict[str, Any] = {**spec.options, **flow_options, **options, "callback": callback}
     noise = make_noise_sampler(spec.noise, x, sigmas, seed, batch_index)
     if noise is not None:
         kwargs["noise"] = noise
@@ -153,6 +159,4 @@ def run_sampler(
         if model_sampling is None:
             raise ValueError(f"sampler {name!r} needs the model's sampling parameters")
         kwargs["model_sampling"] = model_sampling
-    if model_sampling is not None and model_sampling.is_flow and not spec.supports_flow:
-        raise ValueError(f"sampler {name!r} renoises in VE variables and does not support flow models yet")
     return spec.fn(denoiser, x, sigmas, **kwargs)

@@ -35,6 +35,19 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: Ste
     return x
 
 
+def flow_ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float, float]:
+    """(sigma_down, scale, renoise) for rectified flow, where x = (1 - sigma) x0 + sigma noise.
+
+    The deterministic step lands at sigma_down = sigma_next * (1 + (sigma_next/sigma - 1) * eta); scaling
+    by (1 - sigma_next)/(1 - sigma_down) restores the data coefficient of sigma_next, and fresh noise of std
+    sqrt(sigma_next^2 - (scale * sigma_down)^2) restores its noise level (ComfyUI's "RF" variants).
+    """
+    sigma_down = sigma_next * (1.0 + (sigma_next / sigma - 1.0) * eta)
+    scale = (1.0 - sigma_next) / (1.0 - sigma_down)
+    renoise = math.sqrt(max(sigma_next**2 - (scale * sigma_down) ** 2, 0.0))
+    return sigma_down, scale, renoise
+
+
 def sample_euler_ancestral(
     denoiser: Denoiser,
     x: Tensor,
@@ -43,19 +56,28 @@ def sample_euler_ancestral(
     noise: NoiseSampler,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    flow: bool = False,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Euler to sigma_down, then ancestral noise of std sigma_up (k-diffusion). Order 1, stochastic."""
+    """Euler to sigma_down, then ancestral noise of std sigma_up (k-diffusion). Order 1, stochastic.
+
+    `flow` switches to the rectified-flow form of the same step (flow_ancestral_step).
+    """
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])
         report(callback, i, len(s) - 1, x, denoised)
         if s[i + 1] == 0.0:
             x = denoised
-            continue
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        x = x + to_d(x, s[i], denoised) * (sigma_down - s[i])
-        x = x + noise(s[i], s[i + 1]) * (s_noise * sigma_up)
+        elif flow:
+            sigma_down, scale, renoise = flow_ancestral_step(s[i], s[i + 1], eta)
+            ratio = sigma_down / s[i]
+            x = (x * ratio + denoised * (1.0 - ratio)) * scale
+            x = x + noise(s[i], s[i + 1]) * (s_noise * renoise)
+        else:
+            sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+            x = x + to_d(x, s[i], denoised) * (sigma_down - s[i])
+            x = x + noise(s[i], s[i + 1]) * (s_noise * sigma_up)
     return x
 
 

@@ -39,6 +39,29 @@ class GaussianData:
         return (x / scale - self.denoise(x, sigma)) * math.sqrt(scale) / sigma
 
 
+@dataclass(frozen=True)
+class FlowGaussianData:
+    """The same data under rectified flow, x = (1 - sigma) x0 + sigma noise (model-formats.md 10.5)."""
+
+    mu: float = 0.5
+    s: float = 0.3
+
+    def _variance(self, sigma: float) -> float:
+        return (1 - sigma) ** 2 * self.s**2 + sigma**2
+
+    def denoise(self, x: Tensor, sigma: float) -> Tensor:
+        return self.mu + (x - (1 - sigma) * self.mu) * ((1 - sigma) * self.s**2 / self._variance(sigma))
+
+    __call__ = denoise
+
+    def ode_solution(self, x_start: Tensor, sigma_start: float, sigma: float) -> Tensor:
+        ratio = math.sqrt(self._variance(sigma) / self._variance(sigma_start))
+        return (1 - sigma) * self.mu + (x_start - (1 - sigma_start) * self.mu) * ratio
+
+    def velocity(self, x: Tensor, sigma: float) -> Tensor:
+        return (x - self.denoise(x, sigma)) / sigma
+
+
 def karras64(n: int, sigma_min: float = SD_SIGMA_MIN, sigma_max: float = SD_SIGMA_MAX, rho: float = 7.0) -> Tensor:
     """Karras sigmas in float64 without the final 0 (order tests keep round-off out of the slope)."""
     ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)

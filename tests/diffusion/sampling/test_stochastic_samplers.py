@@ -89,6 +89,6 @@ def test_per_step_noise_samplers_depend_on_the_step_count(gaussian):
 
 
 def test_flow_models_refuse_ve_only_ancestral_samplers(gaussian):
-    with pytest.raises(ValueError, match="euler_ancestral.*flow"):
-        run_sampler("euler_ancestral", gaussian, torch.zeros(4), torch.tensor([1.0, 0.0]), seed=0,
+    with pytest.raises(ValueError, match="dpm_2_ancestral.*flow"):
+        run_sampler("dpm_2_ancestral", gaussian, torch.zeros(4), torch.tensor([1.0, 0.0]), seed=0,
                     model_sampling=FlowModelSampling())
