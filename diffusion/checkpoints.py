@@ -192,8 +192,8 @@ def load_checkpoint(
     """Load an SD1.x/SD2.x checkpoint: a single `.safetensors` / legacy pickle file or a diffusers folder.
 
     dtype defaults to fp32 on CPU and fp16 on CUDA. prediction ("eps" / "v_prediction") overrides what the
-    file says; overrides supply the head counts tiny or unusual models cannot be read for. variant picks a
-    diffusers weight variant ("fp16").
+    file says. overrides supply the head counts a single file cannot tell (tiny or unusual widths); diffusers
+    folders carry them in config.json. variant picks a diffusers weight variant ("fp16").
     """
     path = Path(path)
     device = torch.device(device)
@@ -201,9 +201,7 @@ def load_checkpoint(
     if path.is_dir():
         from diffusion.diffusers_folders import load_diffusers_folder
 
-        return load_diffusers_folder(
-            path, dtype=dtype, device=device, prediction=prediction, overrides=overrides, variant=variant
-        )
+        return load_diffusers_folder(path, dtype=dtype, device=device, prediction=prediction, variant=variant)
     with open_tensor_file(path) as source:
         return _load_single_file(source, path, dtype, device, prediction, overrides or HeadOverrides())
 

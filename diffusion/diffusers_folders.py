@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -21,7 +22,7 @@ from diffusion.checkpoints import (
     check_unexpected,
     load_text_encoder,
 )
-from diffusion.detection import PREDICTION_TYPES, HeadOverrides, PredictionChoice
+from diffusion.detection import PREDICTION_TYPES, PredictionChoice
 from diffusion.key_maps import (
     unet_config_from_diffusers,
     unet_diffusers_key_map,
@@ -30,12 +31,14 @@ from diffusion.key_maps import (
 )
 from diffusion.legacy_pickle import PickleTensors
 from diffusion.safetensors_io import CheckpointError, SafetensorsFiles
-from diffusion.text_encoders import text_encoder_config_from_state_dict
+from diffusion.text_encoders import ClipTextEncoder, TextEncoderConfig, text_encoder_config_from_state_dict
 from diffusion.unet import UNetModel
 from diffusion.vae import AutoencoderKL, VAEConfig
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
+
+T = TypeVar("T")
 
 _LATER_PIPELINES = {"transformer": "SD3 / SD3.5", "text_encoder_2": "SDXL"}
 _SCHEDULER_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v_prediction"}
@@ -107,32 +110,19 @@ def load_diffusers_folder(
     dtype: torch.dtype,
     device: torch.device,
     prediction: str | None = None,
-    overrides: HeadOverrides | None = None,
     variant: str | None = None,
 ) -> LoadedCheckpoint:
+    """A diffusers SD1/SD2 pipeline folder; see load_checkpoint."""
     family = folder_family(folder)
-    unet_config = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
-    vae_config = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    load = dict(dtype=dtype, device=device)
+    unet_config = _config(folder / "unet" / "config.json", unet_config_from_diffusers)
+    vae_config = _config(folder / "vae" / "config.json", vae_config_from_diffusers)
     unet = UNetModel(unet_config, device="meta")
     with open_component(folder / "unet", DIFFUSERS_WEIGHTS, variant) as source:
         names = _names_from_key_map(unet_diffusers_key_map(unet_config), source.shapes())
-        assign_weights(unet, source, names, what="UNet", **load)
+        assign_weights(unet, source, names, what="UNet", dtype=dtype, device=device)
         check_unexpected(source.shapes(), set(names.values()), "", source.description)
-    vae = load_diffusers_vae(folder / "vae", vae_config, variant=variant, **load)
-    text_json = read_json(folder / "text_encoder" / "config.json")
-    with open_component(folder / "text_encoder", TRANSFORMERS_WEIGHTS, variant) as source:
-        names = {key.removeprefix("text_model."): key for key in source.shapes()}
-        text_config = text_encoder_config_from_state_dict(
-            {name: source.shapes()[key] for name, key in names.items()},
-            base=TEXT_BASES[family],
-            num_heads=text_json.get("num_attention_heads"),
-        )
-        if family == "sd2":
-            # diffusers' SD2 towers end at the penultimate block already (its last one was dropped when the
-            # folder was made), so SD2's "penultimate layer" default is this tower's last layer.
-            text_config = dataclasses.replace(text_config, default_layer=-1)
-        text_encoder = load_text_encoder(text_config, source, names, open_clip_prefix=None, **load)
+    vae = load_diffusers_vae(folder / "vae", vae_config, dtype=dtype, device=device, variant=variant)
+    text_config, text_encoder = _load_text_encoder(folder / "text_encoder", family, dtype, device, variant)
     choice = _folder_prediction(folder, prediction)
     return LoadedCheckpoint(
         source=str(folder), family=family, variant={9: "inpaint", 8: "pix2pix"}.get(unet_config.in_channels, "base"),
@@ -142,12 +132,42 @@ def load_diffusers_folder(
     )
 
 
+def _config(path: Path, parse: Callable[[dict], T]) -> T:
+    config_json = read_json(path)
+    try:
+        return parse(config_json)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def _load_text_encoder(
+    folder: Path, family: str, dtype: torch.dtype, device: torch.device, variant: str | None
+) -> tuple[TextEncoderConfig, ClipTextEncoder]:
+    text_json = read_json(folder / "config.json")
+    with open_component(folder, TRANSFORMERS_WEIGHTS, variant) as source:
+        names = {key.removeprefix("text_model."): key for key in source.shapes()}
+        try:
+            text_config = text_encoder_config_from_state_dict(
+                {name: source.shapes()[key] for name, key in names.items()},
+                base=TEXT_BASES[family],
+                num_heads=text_json.get("num_attention_heads"),
+            )
+        except ValueError as error:
+            raise CheckpointError(f"{source.description}: {error}") from None
+        if family == "sd2":
+            # diffusers' SD2 towers end at the penultimate block already (its last one was dropped when the
+            # folder was made), so SD2's "penultimate layer" default is this tower's last layer.
+            text_config = dataclasses.replace(text_config, default_layer=-1)
+        encoder = load_text_encoder(text_config, source, names, open_clip_prefix=None, dtype=dtype, device=device)
+    return text_config, encoder
+
+
 def load_diffusers_vae(
     folder: Path, config: VAEConfig | None = None, *, dtype: torch.dtype, device: torch.device,
     variant: str | None = None,
 ) -> AutoencoderKL:
     """A diffusers VAE folder (config.json + weights)."""
-    config = config or vae_config_from_diffusers(read_json(folder / "config.json"))
+    config = config or _config(folder / "config.json", vae_config_from_diffusers)
     vae = AutoencoderKL(config, device="meta")
     with open_component(folder, DIFFUSERS_WEIGHTS, variant) as source:
         names = _names_from_key_map(vae_diffusers_key_map(config), source.shapes())

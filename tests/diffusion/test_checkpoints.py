@@ -155,6 +155,16 @@ def test_transformers_spelling_of_a_sharded_variant_index_is_found(tmp_path, tin
         "model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors"]
 
 
+def test_unusable_folder_config_is_named(tmp_path, tiny_sd1_folder):
+    folder = tmp_path / "odd"
+    shutil.copytree(tiny_sd1_folder, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["down_block_types"][0] = "SimpleCrossAttnDownBlock2D"
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"odd/unet/config\.json: .*unsupported down_block_types"):
+        load_checkpoint(folder)
+
+
 def test_missing_variant_lists_the_files_found(tiny_sd1_folder):
     with pytest.raises(CheckpointError, match=r"no diffusion_pytorch_model\.fp16\.safetensors.*found: \['config.json'"):
         load_checkpoint(tiny_sd1_folder, variant="fp16")
