@@ -281,6 +281,10 @@ class UNetModel(nn.Module):
         if dtype is not None:
             self.to(dtype)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
     def _build(self, config: UNetConfig) -> None:
         mc, ted = config.model_channels, config.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
@@ -348,7 +352,7 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs the UNet in its own dtype and returns the prediction in ``x``'s dtype."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.dtype
         batch = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if timesteps.numel() == 1:

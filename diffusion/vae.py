@@ -20,7 +20,8 @@ from diffusion.attention import attention
 
 log = logging.getLogger(__name__)
 
-_OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+# torch >= 2.5 names the out-of-memory error at the top level; torch.cuda.OutOfMemoryError is the same class.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass(frozen=True)
