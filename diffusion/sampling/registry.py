@@ -95,6 +95,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(single.sample_ddpm, "gaussian", **_VE_ONLY),
     "lcm": SamplerSpec(single.sample_lcm, "gaussian", needs_model_sampling=True),
     "ipndm": SamplerSpec(multi.sample_ipndm),
+    "ipndm_v": SamplerSpec(multi.sample_ipndm_v),
     "deis": SamplerSpec(multi.sample_deis),
     "res_multistep": SamplerSpec(multi.sample_res_multistep),
     "res_multistep_cfg_pp": SamplerSpec(multi.sample_res_multistep, options={"cfg_pp": True}, needs_uncond=True),
