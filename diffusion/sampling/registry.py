@@ -108,6 +108,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
         single.sample_gradient_estimation, options={"cfg_pp": True}, needs_uncond=True
     ),
     "er_sde": SamplerSpec(sde.sample_er_sde, "gaussian", **_VE_ONLY),
+    "seeds_2": SamplerSpec(sde.sample_seeds_2, "gaussian", **_VE_ONLY),
+    "seeds_3": SamplerSpec(sde.sample_seeds_3, "gaussian", **_VE_ONLY),
     "ddim": SamplerSpec(single.sample_euler, inpaint_fresh_noise=True),
     "uni_pc": SamplerSpec(sample_uni_pc, discard_penultimate_sigma=True),
     "uni_pc_bh2": SamplerSpec(sample_uni_pc, options={"variant": "bh2"}, discard_penultimate_sigma=True),
