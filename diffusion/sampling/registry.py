@@ -18,6 +18,7 @@ from .denoiser import Denoiser, NoiseSampler, StepCallback
 from .dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from .model_sampling import ModelSampling
 from .noise import GaussianNoiseSampler
+from .sa_solver import sample_sa_solver
 from .uni_pc import sample_uni_pc
 
 NoiseKind = Literal["none", "gaussian", "brownian", "brownian_device"]
@@ -110,6 +111,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "er_sde": SamplerSpec(sde.sample_er_sde, "gaussian", **_VE_ONLY),
     "seeds_2": SamplerSpec(sde.sample_seeds_2, "gaussian", **_VE_ONLY),
     "seeds_3": SamplerSpec(sde.sample_seeds_3, "gaussian", **_VE_ONLY),
+    "sa_solver": SamplerSpec(sample_sa_solver, "gaussian", needs_model_sampling=True, **_VE_ONLY),
+    "sa_solver_pece": SamplerSpec(
+        sample_sa_solver, "gaussian", {"pece": True}, needs_model_sampling=True, **_VE_ONLY
+    ),
     "ddim": SamplerSpec(single.sample_euler, inpaint_fresh_noise=True),
     "uni_pc": SamplerSpec(sample_uni_pc, discard_penultimate_sigma=True),
     "uni_pc_bh2": SamplerSpec(sample_uni_pc, options={"variant": "bh2"}, discard_penultimate_sigma=True),

@@ -29,9 +29,9 @@ def _pure_noise_start(data: GaussianData, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
-def test_stochastic_sampler_reproduces_the_data_distribution(gaussian, name):
+def test_stochastic_sampler_reproduces_the_data_distribution(gaussian, sd_sampling, name):
     sigmas = karras_sigmas(STEPS, SD_SIGMA_MIN, SD_SIGMA_MAX)
-    out = run_sampler(name, gaussian, _pure_noise_start(gaussian), sigmas, seed=5)
+    out = run_sampler(name, gaussian, _pure_noise_start(gaussian), sigmas, seed=5, model_sampling=sd_sampling)
     bias = 0.015 if name in FIRST_ORDER else 0.003
     assert abs(out.mean().item() - gaussian.mu) < 4 * gaussian.s / math.sqrt(ELEMENTS)
     assert abs(out.std().item() - gaussian.s) < 4 * gaussian.s / math.sqrt(2 * ELEMENTS) + bias
@@ -61,12 +61,12 @@ def test_ddpm_is_euler_ancestral_written_in_vp_units(gaussian):
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
-def test_same_seed_gives_bit_identical_samples(gaussian, name):
+def test_same_seed_gives_bit_identical_samples(gaussian, sd_sampling, name):
     sigmas = karras_sigmas(6, SD_SIGMA_MIN, SD_SIGMA_MAX)
     x = _pure_noise_start(gaussian)[:1, :256]
-    first = run_sampler(name, gaussian, x.clone(), sigmas, seed=11)
-    second = run_sampler(name, gaussian, x.clone(), sigmas, seed=11)
-    other = run_sampler(name, gaussian, x.clone(), sigmas, seed=12)
+    first = run_sampler(name, gaussian, x.clone(), sigmas, seed=11, model_sampling=sd_sampling)
+    second = run_sampler(name, gaussian, x.clone(), sigmas, seed=11, model_sampling=sd_sampling)
+    other = run_sampler(name, gaussian, x.clone(), sigmas, seed=12, model_sampling=sd_sampling)
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
 
