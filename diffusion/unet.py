@@ -210,7 +210,9 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.use_linear:
             h = self.proj_out(h)
-        h = h.transpose(1, 2).unflatten(2, (height, width))
+        # Back to contiguous NCHW: the transposed view has channels-last strides, which every later conv,
+        # norm and add would inherit, and on CPU that layout made the whole UNet ~3x slower.
+        h = h.transpose(1, 2).unflatten(2, (height, width)).contiguous()
         if not self.use_linear:
             h = self.proj_out(h)
         return h + x

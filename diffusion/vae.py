@@ -90,7 +90,8 @@ class AttnBlock(nn.Module):
         height, width = x.shape[-2:]
         h = self.norm(x)
         q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
-        h = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (height, width))
+        # contiguous NCHW again, so the decoder's convs do not inherit channels-last strides (unet.py says why)
+        h = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (height, width)).contiguous()
         return x + self.proj_out(h)
 
 
