@@ -33,7 +33,7 @@ class BrownianTree:
         shape: Sequence[int],
         seed: int,
         tolerance: float = 1e-6,
-        cache_size: int = 128,
+        cache_size: int = 64,
         device: torch.device | str = "cpu",
     ) -> None:
         if not t1 > t0:

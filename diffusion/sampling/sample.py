@@ -95,7 +95,9 @@ def ksampler_sigmas(ms: ModelSampling, scheduler: str, sampler_name: str, steps:
     return sigmas[-(steps + 1) :]
 
 
-def _conditions(conditioning: Conditioning, name: str) -> list[Condition]:
+def _conditions(conditioning: Conditioning | None, name: str) -> list[Condition]:
+    if conditioning is None:
+        return []
     try:
         return [Condition.from_comfy(entry) for entry in conditioning]
     except ValueError as error:
@@ -105,7 +107,7 @@ def _conditions(conditioning: Conditioning, name: str) -> list[Condition]:
 def sample_custom(
     model: SamplingModel,
     positive: Conditioning,
-    negative: Conditioning,
+    negative: Conditioning | None,
     latent: Tensor,
     sigmas: Tensor,
     sampler_name: str,
@@ -119,7 +121,10 @@ def sample_custom(
     guidance_rescale: float = 0.0,
     sampler_options: dict[str, Any] | None = None,
 ) -> SampleOutput:
-    """Sample `latent` down the given sigmas (SamplerCustom): the core every other entry point uses."""
+    """Sample `latent` down the given sigmas (SamplerCustom): the core every other entry point uses.
+
+    `negative` None (BasicGuider) means no unconditional prompt: use it with cfg = 1.
+    """
     if sigmas.numel() == 0:
         return SampleOutput(latent, latent)
     ms = model.model_sampling

@@ -169,3 +169,13 @@ def test_latent_format_scales_in_and_out_around_the_model(sd_sampling):
     expected = GaussianData().denoise(model_sees, sd_sampling.sigma(sd_sampling.timestep(1.0))) / 2.0 + 0.1
     torch.testing.assert_close(result.samples, expected)
     torch.testing.assert_close(result.denoised, expected)
+
+
+def test_no_negative_prompt_at_cfg_one_samples_the_positive_alone(sd_sampling):
+    model, network = _model(sd_sampling, gain=0.2)
+    latent = torch.zeros(SHAPE)
+    sigmas = calculate_sigmas(sd_sampling, "karras", 5)
+    alone = sample_custom(model, _cond(1.0), None, latent, sigmas, "euler", seed=1, cfg=1.0)
+    paired = sample_custom(model, _cond(1.0), _cond(-3.0), latent, sigmas, "euler", seed=1, cfg=1.0)
+    assert torch.equal(alone.samples, paired.samples)
+    assert all(shape[0] == 1 for shape, _ in network.calls)
