@@ -156,8 +156,8 @@ def _load_text_encoder(
             raise CheckpointError(f"{source.description}: {error}") from None
         if family == "sd2":
             # diffusers' SD2 towers end at the penultimate block already (its last one was dropped when the
-            # folder was made), so SD2's "penultimate layer" default is this tower's last layer.
-            text_config = dataclasses.replace(text_config, default_layer=-1)
+            # folder was made); layers still count from the full tower, so SD2's default -2 is our last.
+            text_config = dataclasses.replace(text_config, missing_last_layers=1)
         encoder = load_text_encoder(text_config, source, names, open_clip_prefix=None, dtype=dtype, device=device)
     return text_config, encoder
 

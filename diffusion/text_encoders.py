@@ -51,6 +51,9 @@ class TextEncoderConfig:
     final_norm: bool  # apply final_layer_norm to the selected layer (SD1/SD2 yes, SDXL no)
     vocab_size: int = 49408
     max_positions: int = 77
+    # Blocks the original tower had after this one's last: diffusers' SD2 folders drop OpenCLIP's final block.
+    # CLIP-skip layers count from the original tower, so "-2" means the same hidden state in both forms.
+    missing_last_layers: int = 0
 
     def to_transformers(self) -> CLIPTextConfig:
         return CLIPTextConfig(
@@ -215,16 +218,19 @@ def transformers_to_open_clip(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     return out
 
 
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """0-based block index for a CLIP-skip layer (-1 last block, -2 the one before, ...).
+def resolve_layer(layer: int, num_layers: int, missing_last_layers: int = 0) -> int:
+    """0-based block index for a CLIP-skip layer (-1 last block, -2 the one before, ...), counted from the
+    original tower when this one lacks its `missing_last_layers` final blocks.
 
-    Like ComfyUI, asking for more layers than the tower has falls back to the last one.
+    Like ComfyUI, asking for more layers than the tower has falls back to the last one; so does asking for a
+    block the tower no longer has (the nearest one it keeps).
     """
     if layer >= 0:
         raise ValueError(f"CLIP layer must be negative (-1 is the last), got {layer}")
-    if -layer > num_layers:
+    original = num_layers + missing_last_layers
+    if -layer > original:
         return num_layers - 1
-    return num_layers + layer
+    return min(original + layer, num_layers - 1)
 
 
 class ClipTextEncoder(nn.Module):
@@ -331,7 +337,9 @@ class ClipTextEncoder(nn.Module):
         `pooled` is the final-normed last layer at each row's first EOS, projected when there is a projection.
         """
         model = self.transformer
-        block = resolve_layer(self.config.default_layer if layer is None else layer, self.config.num_layers)
+        config = self.config
+        block = resolve_layer(config.default_layer if layer is None else layer, config.num_layers,
+                              config.missing_last_layers)
         inputs = self._input_embeddings(rows)
         length = inputs.shape[1]
         positions = torch.arange(length, device=inputs.device)[None]
@@ -393,7 +401,7 @@ class SDTextEncoder:
         self.encoder = encoder
         self.tokenizer = tokenizer or ClipTokenizer.default()
         self.layer = encoder.config.default_layer if layer is None else layer
-        resolve_layer(self.layer, encoder.config.num_layers)
+        resolve_layer(self.layer, encoder.config.num_layers, encoder.config.missing_last_layers)
         self.embeddings = embeddings
 
     @property

@@ -69,12 +69,15 @@ def test_sd2_single_file_and_diffusers_folder_load_identical_tensors(tiny_sd2_ch
     assert differing_keys(text, state(folder, "text_encoder")) == []
 
 
-def test_sd2_folder_encodes_the_same_default_layer_as_the_single_file(tiny_sd2_checkpoint, tiny_sd2_folder):
+@pytest.mark.parametrize("layer", [None, -2, -3])
+def test_sd2_folder_encodes_the_same_clip_layers_as_the_single_file(tiny_sd2_checkpoint, tiny_sd2_folder, layer):
     single, folder = load_tiny(tiny_sd2_checkpoint, "sd2"), load_checkpoint(tiny_sd2_folder)
-    assert (single.text_config.default_layer, folder.text_config.default_layer) == (-2, -1)
+    assert (single.text_config.missing_last_layers, folder.text_config.missing_last_layers) == (0, 1)
+    assert folder.text_config.default_layer == single.text_config.default_layer == -2
     tokens = [[49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70]
     with torch.no_grad():
-        assert torch.equal(single.text_encoder.encode_tokens(tokens)[0], folder.text_encoder.encode_tokens(tokens)[0])
+        assert torch.equal(single.text_encoder.encode_tokens(tokens, layer=layer)[0],
+                           folder.text_encoder.encode_tokens(tokens, layer=layer)[0])
 
 
 def test_single_file_tensors_are_the_written_tensors(tiny_sd2_checkpoint):

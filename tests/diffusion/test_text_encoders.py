@@ -21,6 +21,7 @@ from diffusion.text_encoders import (
     embedding_folder_lookup,
     load_textual_inversion,
     open_clip_to_transformers,
+    resolve_layer,
     text_encoder_config_from_state_dict,
     transformers_to_open_clip,
 )
@@ -451,3 +452,12 @@ def test_folder_lookup_tries_extensions_and_subfolders_but_never_leaves_the_fold
     assert torch.equal(lookup("nested"), VECTORS[:1])
     assert lookup("../outside") is None
     assert lookup("missing") is None
+
+
+@pytest.mark.parametrize(("layer", "missing", "block"), [
+    (-1, 0, 2), (-3, 0, 0), (-9, 0, 2),  # counted from the end; beyond the start falls back to the last
+    (-2, 1, 2), (-4, 1, 0),  # a tower missing its final block counts from the original tower
+    (-1, 1, 2),  # the dropped block itself: the nearest block the tower keeps
+])
+def test_clip_layers_resolve_to_blocks_of_the_original_tower(layer, missing, block):
+    assert resolve_layer(layer, 3, missing) == block
