@@ -8,6 +8,8 @@ known W(a), W(b), W((a+b)/2) = (W(a) + W(b))/2 + sqrt((b - a)/4) * z, with z dra
 seed is a hash of the node's position in the tree. A query descends until the node is narrower than
 `tolerance * (t1 - t0)` and finishes with an exact bridge sample at t. Draws happen on the CPU unless a
 device is given (the `_gpu` sampler variants, which like ComfyUI's then give device-dependent noise).
+One tree covers the whole batch: since CPU randn fills 16-value blocks in order, batch item k's noise is
+the same for any batch larger than k (given C*H*W a multiple of 16), but not for an item sampled alone.
 """
 from __future__ import annotations
 

@@ -33,7 +33,6 @@ class SamplerSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     # KSampler computes one extra sigma and drops the second-to-last for these (9.1).
     discard_penultimate_sigma: bool = False
-    needs_uncond: bool = False  # CFG++: the guider must not skip the uncond pass at cfg == 1
     needs_model_sampling: bool = False
     # The renoising formulas assume VE variables; flow models need ComfyUI's separate "RF" variants,
     # which `flow_options` selects where one exists.
@@ -63,10 +62,10 @@ _VE_ONLY = {"supports_flow": False}
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(single.sample_euler),
-    "euler_cfg_pp": SamplerSpec(single.sample_euler_cfg_pp, needs_uncond=True),
+    "euler_cfg_pp": SamplerSpec(single.sample_euler_cfg_pp),
     "euler_ancestral": SamplerSpec(single.sample_euler_ancestral, "gaussian", flow_options={"flow": True}),
     "euler_ancestral_cfg_pp": SamplerSpec(
-        single.sample_euler_ancestral_cfg_pp, "gaussian", needs_uncond=True, **_VE_ONLY
+        single.sample_euler_ancestral_cfg_pp, "gaussian", **_VE_ONLY
     ),
     "heun": SamplerSpec(single.sample_heun),
     "heunpp2": SamplerSpec(single.sample_heunpp2),
@@ -79,12 +78,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_adaptive": SamplerSpec(_dpm_adaptive),
     "dpmpp_2s_ancestral": SamplerSpec(single.sample_dpmpp_2s_ancestral, "gaussian", **_VE_ONLY),
     "dpmpp_2s_ancestral_cfg_pp": SamplerSpec(
-        single.sample_dpmpp_2s_ancestral, "gaussian", {"cfg_pp": True}, needs_uncond=True, **_VE_ONLY
+        single.sample_dpmpp_2s_ancestral, "gaussian", {"cfg_pp": True}, **_VE_ONLY
     ),
     "dpmpp_sde": SamplerSpec(sde.sample_dpmpp_sde, "brownian", **_VE_ONLY),
     "dpmpp_sde_gpu": SamplerSpec(sde.sample_dpmpp_sde, "brownian_device", **_VE_ONLY),
     "dpmpp_2m": SamplerSpec(multi.sample_dpmpp_2m),
-    "dpmpp_2m_cfg_pp": SamplerSpec(multi.sample_dpmpp_2m, options={"cfg_pp": True}, needs_uncond=True),
+    "dpmpp_2m_cfg_pp": SamplerSpec(multi.sample_dpmpp_2m, options={"cfg_pp": True}),
     "dpmpp_2m_sde": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", **_VE_ONLY),
     "dpmpp_2m_sde_gpu": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian_device", **_VE_ONLY),
     "dpmpp_2m_sde_heun": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", {"solver_type": "heun"}, **_VE_ONLY),
@@ -99,14 +98,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ipndm_v": SamplerSpec(multi.sample_ipndm_v),
     "deis": SamplerSpec(multi.sample_deis),
     "res_multistep": SamplerSpec(multi.sample_res_multistep),
-    "res_multistep_cfg_pp": SamplerSpec(multi.sample_res_multistep, options={"cfg_pp": True}, needs_uncond=True),
+    "res_multistep_cfg_pp": SamplerSpec(multi.sample_res_multistep, options={"cfg_pp": True}),
     "res_multistep_ancestral": SamplerSpec(multi.sample_res_multistep, "gaussian", {"eta": 1.0}, **_VE_ONLY),
     "res_multistep_ancestral_cfg_pp": SamplerSpec(
-        multi.sample_res_multistep, "gaussian", {"eta": 1.0, "cfg_pp": True}, needs_uncond=True, **_VE_ONLY
+        multi.sample_res_multistep, "gaussian", {"eta": 1.0, "cfg_pp": True}, **_VE_ONLY
     ),
     "gradient_estimation": SamplerSpec(single.sample_gradient_estimation),
     "gradient_estimation_cfg_pp": SamplerSpec(
-        single.sample_gradient_estimation, options={"cfg_pp": True}, needs_uncond=True
+        single.sample_gradient_estimation, options={"cfg_pp": True}
     ),
     "er_sde": SamplerSpec(sde.sample_er_sde, "gaussian", **_VE_ONLY),
     "seeds_2": SamplerSpec(sde.sample_seeds_2, "gaussian", **_VE_ONLY),
@@ -125,6 +124,7 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 
 
 def get_sampler(name: str) -> SamplerSpec:
+    """The spec registered under a ComfyUI sampler name; the error lists the valid names."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
     return SAMPLERS[name]

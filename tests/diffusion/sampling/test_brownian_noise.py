@@ -95,3 +95,9 @@ def test_full_seed_range_is_accepted_and_negative_seeds_are_not():
     assert initial_noise((3,), 2**64 - 1).shape == (3,)
     with pytest.raises(ValueError, match="seed must be in 0 .. 2\\*\\*64 - 1, got -1"):
         initial_noise((3,), -1)
+
+
+def test_tree_noise_of_a_batch_item_does_not_depend_on_the_batch_size():
+    small = BrownianTreeNoiseSampler(torch.zeros(1, 4, 8, 8), 0.1, 10.0, seed=8)
+    large = BrownianTreeNoiseSampler(torch.zeros(3, 4, 8, 8), 0.1, 10.0, seed=8)
+    assert torch.equal(small(9.0, 4.0)[0], large(9.0, 4.0)[0])
