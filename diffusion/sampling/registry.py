@@ -76,7 +76,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "lms": SamplerSpec(multi.sample_lms),
     "dpm_fast": SamplerSpec(_dpm_fast),
     "dpm_adaptive": SamplerSpec(_dpm_adaptive),
-    "dpmpp_2s_ancestral": SamplerSpec(single.sample_dpmpp_2s_ancestral, "gaussian", **_VE_ONLY),
+    "dpmpp_2s_ancestral": SamplerSpec(single.sample_dpmpp_2s_ancestral, "gaussian", flow_options={"flow": True}),
     "dpmpp_2s_ancestral_cfg_pp": SamplerSpec(
         single.sample_dpmpp_2s_ancestral, "gaussian", {"cfg_pp": True}, **_VE_ONLY
     ),

@@ -221,13 +221,18 @@ def sample_dpmpp_2s_ancestral(
     eta: float = 1.0,
     s_noise: float = 1.0,
     cfg_pp: bool = False,
+    flow: bool = False,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, r = 1/2) to sigma_down, then ancestral noise.
 
     With `cfg_pp` the exponential-integrator steps start from x shifted by (guided - uncond), CFG++'s
-    renoising along the unconditional prediction.
+    renoising along the unconditional prediction. `flow` runs the rectified-flow form instead.
     """
+    if flow:
+        if cfg_pp:
+            raise ValueError("dpmpp_2s_ancestral_cfg_pp has no rectified-flow form")
+        return _dpmpp_2s_ancestral_flow(denoiser, x, sigmas, noise=noise, eta=eta, s_noise=s_noise, callback=callback)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised, uncond = denoise_with_uncond(denoiser, x, s[i]) if cfg_pp else (denoiser(x, s[i]), None)
@@ -245,6 +250,46 @@ def sample_dpmpp_2s_ancestral(
             x = start * (sigma_down / s[i]) - denoised_mid * math.expm1(-h)
         if s[i + 1] > 0.0:
             x = x + noise(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+def _flow_log_snr(sigma: float) -> float:
+    """Half log-SNR of rectified flow, log((1 - sigma) / sigma)."""
+    return math.log((1.0 - sigma) / sigma)
+
+
+def _dpmpp_2s_ancestral_flow(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSampler,
+    eta: float,
+    s_noise: float,
+    callback: StepCallback | None,
+) -> Tensor:
+    """DPM-Solver++(2S) for x = (1 - sigma) x0 + sigma noise: in these variables the data-prediction
+    exponential step from sigma to sigma' is x' = (sigma'/sigma) x + (1 - sigma'/sigma) D; the midpoint is
+    taken in half log-SNR, then flow_ancestral_step renoises (ComfyUI's RF variant)."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, s[i])
+        report(callback, i, len(s) - 1, x, denoised)
+        if s[i + 1] == 0.0:
+            x = denoised
+            continue
+        sigma_down, scale, renoise = flow_ancestral_step(s[i], s[i + 1], eta)
+        if s[i] >= 1.0:
+            sigma_mid = 0.9999  # log-SNR is infinite at pure noise; step just inside it
+        else:
+            lam, lam_down = _flow_log_snr(s[i]), _flow_log_snr(sigma_down)
+            sigma_mid = 1.0 / (math.exp(lam + 0.5 * (lam_down - lam)) + 1.0)
+        ratio = sigma_mid / s[i]
+        denoised_mid = denoiser(x * ratio + denoised * (1.0 - ratio), sigma_mid)
+        ratio = sigma_down / s[i]
+        x = x * ratio + denoised_mid * (1.0 - ratio)
+        if eta > 0.0:
+            x = x * scale + noise(s[i], s[i + 1]) * (s_noise * renoise)
     return x
 
 
