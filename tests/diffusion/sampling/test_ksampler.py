@@ -122,13 +122,21 @@ def test_ddim_inpainting_renoises_with_a_fresh_draw_seeded_seed_plus_one(sd_samp
     torch.testing.assert_close(seen[..., 4:], (latent + initial_noise(SHAPE, 4) * sigma)[..., 4:])
 
 
-def test_same_seed_is_bit_identical_and_batch_item_zero_ignores_batch_size(sd_sampling):
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m_sde", "sa_solver"])
+def test_same_seed_is_bit_identical_and_batch_item_zero_ignores_batch_size(sd_sampling, name):
     model, _ = _model(sd_sampling, gain=0.2)
-    one = _run(model, torch.zeros(1, 4, 8, 8), sampler_name="euler_ancestral", cfg=5.0)
-    again = _run(model, torch.zeros(1, 4, 8, 8), sampler_name="euler_ancestral", cfg=5.0)
-    three = _run(model, torch.zeros(3, 4, 8, 8), sampler_name="euler_ancestral", cfg=5.0)
+    one = _run(model, torch.zeros(1, 4, 8, 8), sampler_name=name, cfg=5.0)
+    again = _run(model, torch.zeros(1, 4, 8, 8), sampler_name=name, cfg=5.0)
+    three = _run(model, torch.zeros(3, 4, 8, 8), sampler_name=name, cfg=5.0)
     assert torch.equal(one, again)
     torch.testing.assert_close(three[:1], one, rtol=1e-6, atol=1e-6)
+
+
+def test_an_item_split_from_its_batch_samples_as_it_did_inside_it(sd_sampling):
+    model, _ = _model(sd_sampling, gain=0.2)
+    three = _run(model, torch.zeros(3, 4, 8, 8), sampler_name="euler_ancestral", cfg=5.0)
+    alone = _run(model, torch.zeros(1, 4, 8, 8), sampler_name="euler_ancestral", cfg=5.0, batch_index=[2])
+    torch.testing.assert_close(alone, three[2:], rtol=1e-6, atol=1e-6)
 
 
 def test_callback_sees_every_step_and_its_exception_propagates(sd_sampling):
