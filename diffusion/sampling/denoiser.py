@@ -69,6 +69,11 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return sigma_down, sigma_up
 
 
-def half_log_snr(sigma: float) -> float:
-    """lambda = -log(sigma): the DPM-Solver time variable in VE units (alpha = 1)."""
-    return -math.log(sigma)
+def half_log_snr(sigma: float, flow: bool = False) -> float:
+    """lambda = log(alpha / sigma), the DPM-Solver time variable: -log(sigma) in VE units (alpha = 1),
+    log((1 - sigma) / sigma) for rectified flow (alpha = 1 - sigma)."""
+    return math.log((1.0 - sigma) / sigma) if flow else -math.log(sigma)
+
+
+# Rectified flow's log-SNR is infinite at sigma = 1; SNR-based samplers start just inside (ComfyUI's offset).
+FLOW_FIRST_SIGMA = 0.9999

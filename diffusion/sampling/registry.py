@@ -84,11 +84,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_sde_gpu": SamplerSpec(sde.sample_dpmpp_sde, "brownian_device", **_VE_ONLY),
     "dpmpp_2m": SamplerSpec(multi.sample_dpmpp_2m),
     "dpmpp_2m_cfg_pp": SamplerSpec(multi.sample_dpmpp_2m, options={"cfg_pp": True}),
-    "dpmpp_2m_sde": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", **_VE_ONLY),
-    "dpmpp_2m_sde_gpu": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian_device", **_VE_ONLY),
-    "dpmpp_2m_sde_heun": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", {"solver_type": "heun"}, **_VE_ONLY),
+    "dpmpp_2m_sde": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", flow_options={"flow": True}),
+    "dpmpp_2m_sde_gpu": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian_device", flow_options={"flow": True}),
+    "dpmpp_2m_sde_heun": SamplerSpec(
+        sde.sample_dpmpp_2m_sde, "brownian", {"solver_type": "heun"}, flow_options={"flow": True}
+    ),
     "dpmpp_2m_sde_heun_gpu": SamplerSpec(
-        sde.sample_dpmpp_2m_sde, "brownian_device", {"solver_type": "heun"}, **_VE_ONLY
+        sde.sample_dpmpp_2m_sde, "brownian_device", {"solver_type": "heun"}, flow_options={"flow": True}
     ),
     "dpmpp_3m_sde": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian", **_VE_ONLY),
     "dpmpp_3m_sde_gpu": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian_device", **_VE_ONLY),

@@ -10,6 +10,7 @@ import math
 from torch import Tensor
 
 from .denoiser import (
+    FLOW_FIRST_SIGMA,
     Denoiser,
     NoiseSampler,
     StepCallback,
@@ -253,11 +254,6 @@ def sample_dpmpp_2s_ancestral(
     return x
 
 
-def _flow_log_snr(sigma: float) -> float:
-    """Half log-SNR of rectified flow, log((1 - sigma) / sigma)."""
-    return math.log((1.0 - sigma) / sigma)
-
-
 def _dpmpp_2s_ancestral_flow(
     denoiser: Denoiser,
     x: Tensor,
@@ -280,9 +276,9 @@ def _dpmpp_2s_ancestral_flow(
             continue
         sigma_down, scale, renoise = flow_ancestral_step(s[i], s[i + 1], eta)
         if s[i] >= 1.0:
-            sigma_mid = 0.9999  # log-SNR is infinite at pure noise; step just inside it
+            sigma_mid = FLOW_FIRST_SIGMA
         else:
-            lam, lam_down = _flow_log_snr(s[i]), _flow_log_snr(sigma_down)
+            lam, lam_down = half_log_snr(s[i], flow=True), half_log_snr(sigma_down, flow=True)
             sigma_mid = 1.0 / (math.exp(lam + 0.5 * (lam_down - lam)) + 1.0)
         ratio = sigma_mid / s[i]
         denoised_mid = denoiser(x * ratio + denoised * (1.0 - ratio), sigma_mid)

@@ -9,7 +9,16 @@ import math
 
 from torch import Tensor
 
-from .denoiser import Denoiser, NoiseSampler, StepCallback, ancestral_step, half_log_snr, report, to_d
+from .denoiser import (
+    FLOW_FIRST_SIGMA,
+    Denoiser,
+    NoiseSampler,
+    StepCallback,
+    ancestral_step,
+    half_log_snr,
+    report,
+    to_d,
+)
 
 
 def sample_dpmpp_sde(
@@ -55,14 +64,20 @@ def sample_dpmpp_2m_sde(
     eta: float = 1.0,
     s_noise: float = 1.0,
     solver_type: str = "midpoint",
+    flow: bool = False,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE: data-prediction multistep with the SDE's e^(-eta h) damping and exact
     Gaussian increment of std sigma_next * sqrt(1 - e^(-2 eta h)); `solver_type` picks the
-    midpoint or Heun form of the 2nd-order correction."""
+    midpoint or Heun form of the 2nd-order correction.
+
+    Written with alpha and lambda = log(alpha / sigma), so `flow` (alpha = 1 - sigma) needs no other change.
+    """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     s = sigmas.tolist()
+    if flow and s[0] >= 1.0:
+        s[0] = FLOW_FIRST_SIGMA
     old: Tensor | None = None
     h_last = 0.0
     for i in range(len(s) - 1):
@@ -71,14 +86,15 @@ def sample_dpmpp_2m_sde(
         if s[i + 1] == 0.0:
             x = denoised
         else:
-            h = half_log_snr(s[i + 1]) - half_log_snr(s[i])
+            h = half_log_snr(s[i + 1], flow) - half_log_snr(s[i], flow)
             eta_h = eta * h
-            decay = -math.expm1(-h - eta_h)
+            alpha_next = 1.0 - s[i + 1] if flow else 1.0
+            decay = -math.expm1(-h - eta_h) * alpha_next
             x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + denoised * decay
             if old is not None:
                 ratio = h / h_last
                 if solver_type == "heun":
-                    weight = decay / (-h - eta_h) + 1.0
+                    weight = decay / (-h - eta_h) + alpha_next
                 else:
                     weight = 0.5 * decay
                 x = x + (denoised - old) * (weight * ratio)
