@@ -15,7 +15,7 @@ from torch import Tensor
 from .denoiser import Denoiser, StepCallback, denoise_with_uncond
 from .guidance import ApplyModel, CFGDenoiser, CondBatcher, Condition, EncodeY, repeat_to_batch
 from .model_sampling import ModelSampling
-from .noise import cpu_generator, initial_noise, to_device
+from .noise import MAX_SEED, cpu_generator, initial_noise, to_device
 from .registry import get_sampler, run_sampler
 from .schedulers import calculate_sigmas
 
@@ -123,7 +123,8 @@ def sample_custom(
 ) -> SampleOutput:
     """Sample `latent` down the given sigmas (SamplerCustom): the core every other entry point uses.
 
-    `negative` None (BasicGuider) means no unconditional prompt: use it with cfg = 1.
+    `negative` None (BasicGuider) means no unconditional prompt: use it with cfg = 1. The callback's
+    tensors are in the model's latent space (after LatentFormat.process_in), as latent previews expect.
     """
     if sigmas.numel() == 0:
         return SampleOutput(latent, latent)
@@ -143,7 +144,8 @@ def sample_custom(
     if noise_mask is not None:
         inpaint_noise = noise
         if spec.inpaint_fresh_noise:
-            fresh = torch.randn(tuple(latent.shape), generator=cpu_generator(seed + 1), dtype=torch.float32)
+            fresh_seed = (seed + 1) & MAX_SEED
+            fresh = torch.randn(tuple(latent.shape), generator=cpu_generator(fresh_seed), dtype=torch.float32)
             inpaint_noise = to_device(fresh, latent)
         denoiser = InpaintDenoiser(denoiser, x_latent, inpaint_noise, prepare_noise_mask(noise_mask, latent), ms)
     first, last = float(sigmas[0]), float(sigmas[-1])
