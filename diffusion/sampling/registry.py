@@ -92,8 +92,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_sde_heun_gpu": SamplerSpec(
         sde.sample_dpmpp_2m_sde, "brownian_device", {"solver_type": "heun"}, flow_options={"flow": True}
     ),
-    "dpmpp_3m_sde": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian", **_VE_ONLY),
-    "dpmpp_3m_sde_gpu": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian_device", **_VE_ONLY),
+    "dpmpp_3m_sde": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian", flow_options={"flow": True}),
+    "dpmpp_3m_sde_gpu": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian_device", flow_options={"flow": True}),
     "ddpm": SamplerSpec(single.sample_ddpm, "gaussian", **_VE_ONLY),
     "lcm": SamplerSpec(single.sample_lcm, "gaussian", needs_model_sampling=True),
     "ipndm": SamplerSpec(multi.sample_ipndm),

@@ -114,11 +114,18 @@ def sample_dpmpp_3m_sde(
     noise: NoiseSampler,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    flow: bool = False,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """3rd-order multistep DPM-Solver++ SDE (k-diffusion): the x0 history gives 1st and 2nd divided
-    differences, integrated against the phi_2 and phi_3 functions of the damped step h*(1 + eta)."""
+    differences, integrated against the phi_2 and phi_3 functions of the damped step h*(1 + eta).
+
+    In alpha/lambda form like sample_dpmpp_2m_sde: x decays by (sigma_next/sigma) e^(-eta h) (which is
+    e^(-h(1 + eta)) in VE units) and every x0 term carries alpha_next, so `flow` works unchanged.
+    """
     s = sigmas.tolist()
+    if flow and s[0] >= 1.0:
+        s[0] = FLOW_FIRST_SIGMA
     history: list[tuple[Tensor, float]] = []  # (denoised, h) of the last two steps, newest first
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])
@@ -127,10 +134,11 @@ def sample_dpmpp_3m_sde(
         if s[i + 1] == 0.0:
             x = denoised
         else:
-            h = half_log_snr(s[i + 1]) - half_log_snr(s[i])
+            h = half_log_snr(s[i + 1], flow) - half_log_snr(s[i], flow)
             h_eta = h * (eta + 1.0)
-            x = x * math.exp(-h_eta) + denoised * (-math.expm1(-h_eta))
-            phi_2 = math.expm1(-h_eta) / h_eta + 1.0
+            alpha_next = 1.0 - s[i + 1] if flow else 1.0
+            x = x * (s[i + 1] / s[i] * math.exp(-eta * h)) + denoised * (-math.expm1(-h_eta) * alpha_next)
+            phi_2 = (math.expm1(-h_eta) / h_eta + 1.0) * alpha_next
             if len(history) == 2:
                 (d_1, h_1), (d_2, h_2) = history
                 r0, r1 = h_1 / h, h_2 / h
@@ -138,7 +146,7 @@ def sample_dpmpp_3m_sde(
                 slope_1 = (d_1 - d_2) / r1
                 first = slope_0 + (slope_0 - slope_1) * (r0 / (r0 + r1))
                 second = (slope_0 - slope_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
+                phi_3 = phi_2 / h_eta - 0.5 * alpha_next
                 x = x + first * phi_2 - second * phi_3
             elif len(history) == 1:
                 d_1, h_1 = history[0]

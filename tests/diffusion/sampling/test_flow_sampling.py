@@ -47,12 +47,14 @@ def test_flow_ode_samplers_converge_at_their_order(name, order):
     ("name", "steps", "bias"),
     # The std's discretisation bias, measured on other seeds: euler_ancestral -0.028, -0.014, -0.0077 at
     # 100, 200, 400 steps (1st order); dpmpp_2s_ancestral -0.015, -0.0047, 0.0000 at 50, 100, 200;
-    # dpmpp_2m_sde +0.029, +0.0075, +0.0015 and its Heun form +0.052, +0.012, +0.0022 at 100, 200, 400.
+    # dpmpp_2m_sde +0.029, +0.0075, +0.0015 and its Heun form +0.052, +0.012, +0.0022 at 100, 200, 400;
+    # dpmpp_3m_sde +0.052, +0.0042, -0.0001 (it overshoots at few steps on "normal" schedules in VE too).
     [
         ("euler_ancestral", 400, 0.012),
         ("dpmpp_2s_ancestral", 200, 0.003),
         ("dpmpp_2m_sde", 400, 0.004),
         ("dpmpp_2m_sde_heun", 400, 0.005),
+        ("dpmpp_3m_sde", 400, 0.004),
     ],
 )
 def test_flow_stochastic_samplers_sample_the_data_distribution(name, steps, bias):
