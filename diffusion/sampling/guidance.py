@@ -80,6 +80,7 @@ class _Prepared:
     weight: Tensor  # [1 or B, C, h, w]: mask x strength with feathering, already cropped to the area
     sigma_start: float
     sigma_end: float
+    whole: bool = False  # covers the latent with one positive weight: alone, its D needs no averaging
 
 
 def _resize_mask(mask: Tensor, height: int, width: int) -> Tensor:
@@ -150,6 +151,7 @@ def _prepare(cond: Condition, latent_shape: Sequence[int], ms: ModelSampling, en
         weight=weight,
         sigma_start=ms.percent_to_sigma(cond.start_percent),
         sigma_end=ms.percent_to_sigma(cond.end_percent),
+        whole=mask is None and area is None and cond.strength > 0.0,
     )
 
 
@@ -171,6 +173,7 @@ class _Chunk:
     weight: Tensor
     cross_attn: Tensor
     y: Tensor | None
+    whole: bool = False
 
 
 def _compatible(a: _Chunk, b: _Chunk) -> bool:
@@ -204,6 +207,7 @@ class CondBatcher:
         self.ms = model_sampling
         self.prepared = [[_prepare(c, latent_shape, model_sampling, encode_y) for c in conds] for conds in cond_lists]
         self._moved: dict[tuple, _Prepared] = {}
+        self._contexts: dict[tuple[int, ...], Tensor] = {}
 
     def _on_device(self, cond: _Prepared, like: Tensor) -> _Prepared:
         """The condition's tensors on the sampling device and dtype, moved once per run, not per step."""
@@ -229,12 +233,16 @@ class CondBatcher:
                 h, w, y, x0 = cond.area
                 region = x[:, :, y : y + h, x0 : x0 + w]
                 moved = self._on_device(cond, x)
-                chunks.append(_Chunk(slot, cond.area, region, moved.weight, moved.cross_attn, moved.y))
+                chunks.append(_Chunk(slot, cond.area, region, moved.weight, moved.cross_attn, moved.y, cond.whole))
         return chunks
 
     def _run(self, group: list[_Chunk], sigma: float) -> list[Tensor]:
         x_in = torch.cat([c.x for c in group], dim=0)
-        context = _concat_context([c.cross_attn for c in group])
+        # The same conditions batch together at every step: build their joint context once per run.
+        key = tuple(id(c.cross_attn) for c in group)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self._contexts[key] = _concat_context([c.cross_attn for c in group])
         y_input = torch.cat([c.y for c in group], dim=0) if group[0].y is not None else None
         timestep = torch.full((x_in.shape[0],), self.ms.timestep(sigma), device=x_in.device, dtype=torch.float32)
         output = self.apply_model(x_in * self.ms.c_in(sigma), timestep, context=context, y=y_input)
@@ -243,18 +251,30 @@ class CondBatcher:
 
     def __call__(self, x: Tensor, sigma: float, slots: Sequence[int]) -> list[Tensor]:
         """The weighted D of each requested list, in the order of `slots`."""
-        totals = {slot: torch.zeros_like(x) for slot in slots}
-        # A tiny floor instead of 0 makes uncovered pixels come out 0 rather than NaN (ComfyUI: 1e-37).
-        counts = {slot: torch.full_like(x, torch.finfo(x.dtype).tiny) for slot in slots}
         pending = self._chunks(x, sigma, slots)
+        per_slot = {slot: sum(c.slot == slot for c in pending) for slot in slots}
+        results: dict[int, Tensor] = {}
+        totals: dict[int, Tensor] = {}
+        counts: dict[int, Tensor] = {}
         while pending:
             group = [c for c in pending if _compatible(pending[0], c)]
             pending = [c for c in pending if not any(c is g for g in group)]
             for chunk, denoised in zip(group, self._run(group, sigma)):
+                if chunk.whole and per_slot[chunk.slot] == 1:
+                    # The weighted average of one uniformly weighted prediction is that prediction.
+                    results[chunk.slot] = denoised
+                    continue
+                if chunk.slot not in totals:
+                    totals[chunk.slot] = torch.zeros_like(x)
+                    # A tiny floor instead of 0 makes uncovered pixels come out 0, not NaN (ComfyUI: 1e-37).
+                    counts[chunk.slot] = torch.full_like(x, torch.finfo(x.dtype).tiny)
                 h, w, y, x0 = chunk.area
                 totals[chunk.slot][:, :, y : y + h, x0 : x0 + w] += denoised * chunk.weight
                 counts[chunk.slot][:, :, y : y + h, x0 : x0 + w] += chunk.weight
-        return [totals[slot] / counts[slot] for slot in slots]
+        for slot in slots:
+            if slot not in results:
+                results[slot] = totals[slot] / counts[slot] if slot in totals else torch.zeros_like(x)
+        return [results[slot] for slot in slots]
 
 
 def rescale_guidance(x: Tensor, sigma: float, guided: Tensor, cond: Tensor, multiplier: float) -> Tensor:

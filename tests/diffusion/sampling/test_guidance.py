@@ -172,3 +172,20 @@ def test_guidance_rescale_matches_the_conditional_v_std_per_sample(sigma, x):
 def test_malformed_conditioning_entry_is_rejected_with_its_shape():
     with pytest.raises(ValueError, match=r"\[B, T, C\], got shape \(77, 16\)"):
         Condition.from_comfy([torch.zeros(77, 16), {}])
+
+
+def test_a_lone_full_frame_prompt_is_normalised_by_its_own_strength(sd_sampling, sigma, x):
+    # D is a weighted average over a list's prompts, so one prompt's strength divides out (as in ComfyUI);
+    # the batcher returns such a prediction as it is, without accumulating weights.
+    plain, _ = _guider(sd_sampling, [_prompt(1.0)], [_prompt(0.0)])
+    weak, _ = _guider(sd_sampling, [_prompt(1.0, strength=0.25)], [_prompt(0.0)])
+    torch.testing.assert_close(weak(x, sigma), plain(x, sigma), rtol=0, atol=0)
+
+
+def test_a_prompt_switched_off_by_its_timestep_range_leaves_its_list_at_zero(sd_sampling, sigma, x):
+    conds = [[Condition.from_comfy(_prompt(1.0, start_percent=0.9, end_percent=1.0))],
+             [Condition.from_comfy(_prompt(0.0))]]
+    network = GaussianEpsNetwork(GaussianData(), sd_sampling, context_gain=GAIN)
+    cond, uncond = CondBatcher(network, sd_sampling, conds, SHAPE)(x, sigma, [0, 1])
+    assert torch.equal(cond, torch.zeros_like(x))
+    torch.testing.assert_close(uncond, GaussianData().denoise(x, sigma), rtol=1e-5, atol=1e-5)
