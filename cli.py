@@ -107,7 +107,7 @@ def read_workflow(path: Path) -> dict[str, Any]:
 # --- validate ---------------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
-    result = validate_prompt(read_workflow(args.workflow), registry)
+    result = validate_prompt(read_workflow(args.workflow), registry, settings=settings_from(args))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     problems = result.messages()
@@ -244,7 +244,7 @@ def cmd_nodes(args: argparse.Namespace, registry: Registry) -> int:
     unknown = [name for name in args.classes if name not in registry]
     if unknown:
         raise UsageError(f"unknown node classes: {', '.join(unknown)}")
-    info = registry.object_info()
+    info = registry.object_info(settings_from(args))
     chosen = {name: info[name] for name in (args.classes or info)}
     if args.json:
         print(json.dumps(chosen, indent=2))
@@ -310,9 +310,9 @@ def _serve_arguments(sub: argparse.ArgumentParser) -> None:
 
 # name, handler, help, which shared options: the table to extend with new subcommands.
 SUBCOMMANDS = [
-    ("validate", cmd_validate, "check a workflow and print every error, or 'ok'", "common"),
+    ("validate", cmd_validate, "check a workflow and print every error, or 'ok'", "folders"),
     ("run", cmd_run, "run a workflow and print where its outputs went", "folders"),
-    ("nodes", cmd_nodes, "list node types with their schemas", "common"),
+    ("nodes", cmd_nodes, "list node types with their schemas", "folders"),
     ("serve", cmd_serve, "serve ComfyUI's HTTP and websocket API", "folders"),
 ]
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {

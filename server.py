@@ -156,18 +156,18 @@ class Server:
 
     # --- routes: nodes and prompts -------------------------------------------------------------------------
     async def object_info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.registry.object_info())
+        return web.json_response(self.registry.object_info(self.settings))
 
     async def object_info_one(self, request: web.Request) -> web.Response:
         node_type = self.registry.get(request.match_info["node_class"])
-        return web.json_response({} if node_type is None else {node_type.name: node_type.object_info()})
+        return web.json_response({} if node_type is None else {node_type.name: node_type.object_info(self.settings)})
 
     async def post_prompt(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         prompt = body.get("prompt")
         targets = body.get("partial_execution_targets")
         validation = await asyncio.get_running_loop().run_in_executor(
-            None, validate_prompt, prompt, self.registry, targets)
+            None, validate_prompt, prompt, self.registry, targets, self.settings)
         answer = validation.to_json()
         if not validation.ok:
             return web.json_response(answer, status=400)

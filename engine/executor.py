@@ -91,7 +91,7 @@ class Executor:
                 targets: Sequence[str] | None = None, extra_data: Mapping[str, Any] | None = None) -> ExecutionResult:
         """Validate and run an API prompt; one prompt at a time (concurrent calls wait)."""
         prompt_id = prompt_id or str(uuid.uuid4())
-        validation = validate_prompt(prompt, self.registry, targets)
+        validation = validate_prompt(prompt, self.registry, targets, self.settings)
         if not validation.ok or validation.workflow is None:
             return ExecutionResult(prompt_id, "invalid", validation)
         with self._running:

@@ -105,13 +105,14 @@ class NodeType:
                             f"{len(self.outputs)}: {[o.name for o in self.outputs]}")
         return result
 
-    def object_info(self) -> dict[str, Any]:
-        """This node type in the shape of one entry of ComfyUI's `GET /object_info`."""
+    def object_info(self, settings: RunSettings | None = None) -> dict[str, Any]:
+        """This node type in the shape of one entry of ComfyUI's `GET /object_info`; `settings` feeds COMBO
+        options that depend on the configured folders."""
         groups: dict[str, dict[str, Any]] = {"required": {}}
         order: dict[str, list[str]] = {"required": []}
         for name, spec in self.inputs.items():
             group = "optional" if spec.optional else "required"
-            groups.setdefault(group, {})[name] = spec.object_info()
+            groups.setdefault(group, {})[name] = spec.object_info(settings)
             order.setdefault(group, []).append(name)
         if self.hidden:
             groups["hidden"] = {name: spec.kind for name, spec in self.hidden.items()}
@@ -234,9 +235,9 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._types)
 
-    def object_info(self) -> dict[str, dict[str, Any]]:
-        """The whole `GET /object_info` answer; COMBO option callables are evaluated now."""
-        return {name: self._types[name].object_info() for name in self.names()}
+    def object_info(self, settings: RunSettings | None = None) -> dict[str, dict[str, Any]]:
+        """The whole `GET /object_info` answer; COMBO option callables are evaluated now, with `settings`."""
+        return {name: self._types[name].object_info(settings) for name in self.names()}
 
 
 def _submodules(module: ModuleType) -> list[ModuleType]:

@@ -17,13 +17,24 @@ in hand-written prompts, so sdgraph reports them as `invalid_input_type` instead
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from engine.context import RunSettings
+
 ANY_TYPE = "*"
 log = logging.getLogger("sdgraph.engine")
+
+
+def _takes_an_argument(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it as it is
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in parameters)
 
 
 class InputError(Exception):
@@ -74,7 +85,7 @@ class InputSpec:
         raise InputError("invalid_input_type", "Input requires a link",
                          f"{self.type_name} input takes a link [node_id, output_index], got constant {value!r}")
 
-    def object_info(self) -> list:
+    def object_info(self, settings: RunSettings | None = None) -> list:
         return [self.type_name, self._options()]
 
     def _options(self) -> dict[str, Any]:
@@ -270,13 +281,15 @@ class Boolean(WidgetSpec):
         return {k: v for k, v in (("label_on", self.label_on), ("label_off", self.label_off)) if v is not None}
 
 
-ComboOptions = Sequence[Any] | Callable[[], Sequence[Any]]
+# A fixed list, or a callable evaluated at request time: with no parameters, or with the run's RunSettings
+# (a loader lists the files in the configured models folder).
+ComboOptions = Sequence[Any] | Callable[[], Sequence[Any]] | Callable[[RunSettings], Sequence[Any]]
 
 
 @dataclass(frozen=True)
 class Combo(WidgetSpec):
-    """A choice from a list. `options` may be a zero-argument callable (e.g. the files in a models folder),
-    evaluated each time `/object_info` is produced and each time a prompt is validated."""
+    """A choice from a list. `options` may be a callable taking nothing or the RunSettings (e.g. the files
+    in the models folder), evaluated each time `/object_info` is produced and each time a prompt is validated."""
 
     options: ComboOptions
     _: KW_ONLY
@@ -288,8 +301,12 @@ class Combo(WidgetSpec):
     def type_name(self) -> str:
         return "COMBO"
 
-    def current_options(self) -> list[Any]:
-        return list(self.options() if callable(self.options) else self.options)
+    def current_options(self, settings: RunSettings | None = None) -> list[Any]:
+        if not callable(self.options):
+            return list(self.options)
+        if _takes_an_argument(self.options):
+            return list(self.options(settings if settings is not None else RunSettings()))
+        return list(self.options())
 
     def coerce(self, value: Any, options: Sequence[Any] | None = None) -> Any:
         allowed = self.current_options() if options is None else options
@@ -297,10 +314,10 @@ class Combo(WidgetSpec):
             return value
         raise InputError("value_not_in_list", "Value not in list", f"{value!r} not in {list(allowed)!r}")
 
-    def object_info(self, options: Sequence[Any] | None = None) -> list:
+    def object_info(self, settings: RunSettings | None = None, *, options: Sequence[Any] | None = None) -> list:
         if options is None:
             try:
-                options = self.current_options()
+                options = self.current_options(settings)
             except Exception:  # an unreadable folder must not take the whole /object_info down
                 log.exception("COMBO options could not be listed")
                 options = []
@@ -325,7 +342,7 @@ class Socket(InputSpec):
     def type_name(self) -> str:
         return self.type
 
-    def object_info(self) -> list:
+    def object_info(self, settings: RunSettings | None = None) -> list:
         options = self._options()
         return [self.type, options] if options else [self.type]
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import networkx as nx
 
+from engine.context import RunSettings
 from engine.schema import NodeType, Registry
 from engine.types import Combo, InputError, InputSpec
 from engine.workflow import BadLink, Link, PromptFormatError, PromptNode, Workflow, parse_prompt
@@ -82,15 +83,17 @@ class ValidationResult:
         return lines
 
 
-def validate_prompt(prompt: Any, registry: Registry, targets: Sequence[str] | None = None) -> ValidationResult:
-    """Check an API prompt (decoded JSON) before running it; `targets` narrows the outputs to run."""
+def validate_prompt(prompt: Any, registry: Registry, targets: Sequence[str] | None = None,
+                    settings: RunSettings | None = None) -> ValidationResult:
+    """Check an API prompt (decoded JSON) before running it; `targets` narrows the outputs to run and
+    `settings` are the folders that COMBO options (model files) are listed from."""
     try:
         workflow = parse_prompt(prompt)
     except PromptFormatError as problem:
         error = ValidationError("invalid_prompt", "Invalid prompt", "; ".join(problem.problems),
                                 {"problems": problem.problems})
         return ValidationResult(error=error, node_errors={})
-    return _Validation(workflow, registry).run(targets)
+    return _Validation(workflow, registry, settings).run(targets)
 
 
 def _error(error_type: str, message: str, details: str, **extra_info: Any) -> ValidationError:
@@ -98,9 +101,10 @@ def _error(error_type: str, message: str, details: str, **extra_info: Any) -> Va
 
 
 class _Validation:
-    def __init__(self, workflow: Workflow, registry: Registry) -> None:
+    def __init__(self, workflow: Workflow, registry: Registry, settings: RunSettings | None) -> None:
         self.workflow = workflow
         self.registry = registry
+        self.settings = settings
         self.errors: dict[str, list[ValidationError]] = {}
         self.crashed: set[str] = set()
         self.normalized: dict[str, PromptNode] = {}
@@ -287,13 +291,13 @@ class _Validation:
     def _options(self, spec: Combo) -> list[Any]:
         # One evaluation per validation: option callables may list folders, and all inputs must agree.
         if id(spec) not in self.combo_options:
-            self.combo_options[id(spec)] = spec.current_options()
+            self.combo_options[id(spec)] = spec.current_options(self.settings)
         return self.combo_options[id(spec)]
 
     def _config(self, spec: InputSpec) -> list:
         if isinstance(spec, Combo):
             try:
-                return spec.object_info(self._options(spec))
+                return spec.object_info(options=self._options(spec))
             except Exception:
                 return ["COMBO", {}]
         return spec.object_info()

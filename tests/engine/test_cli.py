@@ -180,7 +180,7 @@ def test_serve_hands_settings_host_and_port_to_the_server(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "server", fake)
     assert run_cli("serve", "--port", "9000", "--output-dir", str(tmp_path), "--device", "cpu") == 0
     settings, host, port, node_count = calls[0]
-    assert (host, port, settings.output_dir, settings.device, node_count) == ("127.0.0.1", 9000, tmp_path, "cpu", 22)
+    assert (host, port, settings.output_dir, settings.device, node_count) == ("127.0.0.1", 9000, tmp_path, "cpu", 23)
 
 
 def test_console_script_runs_a_workflow(workflow, out_dir):

@@ -139,7 +139,7 @@ def test_result_of_refuses_wrong_arity_and_non_tuples():
 def test_load_module_registers_every_node_type_in_it(registry):
     expected = {"Constant", "Add", "Multiply", "DivMod", "Scale", "Concat", "ToText", "Pick", "PickComputed",
                 "Output", "Sink", "Fail", "Slow", "Even", "BrokenValidator", "Volatile", "AlwaysRerun",
-                "ReadText", "WhoAmI", "MakeBlob", "BadArity", "SaveText"}
+                "ReadText", "WhoAmI", "MakeBlob", "BadArity", "SaveText", "PickToyFile"}
     assert set(registry.names()) == expected
     assert list(registry.object_info()) == sorted(expected)
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from engine import (ALWAYS_RERUN, Boolean, Combo, ExecutionContext, Float, Hidden, Int, NodeResult, RunSettings,
                     Socket, String, node)
-from engine.paths import resolve_inside
+from engine.paths import list_files, resolve_inside
 
 LETTERS = ["a", "b", "c"]
 
@@ -157,3 +157,13 @@ def SaveText(text: String("", force_input=True), filename: String("out.txt"), *,
     target.write_text(text)
     return NodeResult(outputs=(str(target),), ui={"files": [{"filename": filename, "subfolder": "",
                                                             "type": "output"}]})
+
+
+def _toy_files(settings: RunSettings) -> list[str]:
+    return list_files(settings.models_dir / "toys", (".toy",))
+
+
+@node(category="toy", outputs=[("STRING", "name")])
+def PickToyFile(name: Combo(_toy_files)) -> tuple:
+    """Options listed from the run's models folder, as loader nodes list checkpoints."""
+    return (name,)

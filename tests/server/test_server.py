@@ -276,3 +276,18 @@ def test_system_stats_reports_python_and_a_device(live_server: LiveServer) -> No
     status, stats = run(get_json(live_server, "/system_stats"))
     assert status == 200 and stats["system"]["python_version"].startswith("3.")
     assert stats["devices"] and stats["devices"][0]["type"] in ("cpu", "cuda")
+
+
+def test_combo_options_and_validation_use_the_servers_models_folder(live_server: LiveServer) -> None:
+    toys = live_server.settings.models_dir / "toys"
+    toys.mkdir(parents=True)
+    (toys / "mine.toy").write_text("toy")
+    _, info = run(get_json(live_server, "/object_info/PickToyFile"))
+    assert info["PickToyFile"]["input"]["required"]["name"][0] == ["mine.toy"]
+    prompt = {"1": {"class_type": "PickToyFile", "inputs": {"name": "mine.toy"}},
+              "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+    _, messages, _ = run(queue_and_collect(live_server, prompt))
+    assert next(m for m in messages if m["type"] == "executed")["data"]["output"] == {"value": ["mine.toy"]}
+    prompt["1"]["inputs"]["name"] = "theirs.toy"
+    status, answer = run(post_json(live_server, "/prompt", {"prompt": prompt}))
+    assert status == 400 and answer["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
