@@ -431,7 +431,7 @@ def test_single_vector_embedding_becomes_one_row(tmp_path):
 
 
 class NotATensor:
-    pass
+    """A class that only unpickling with code execution could rebuild."""
 
 
 def test_embedding_pickle_that_needs_code_is_refused(tmp_path):

@@ -146,7 +146,7 @@ def test_callback_sees_every_step_and_its_exception_propagates(sd_sampling):
     assert events == [(i, 6) for i in range(6)]
 
     class Interrupted(Exception):
-        pass
+        """Stands in for the executor's interrupt."""
 
     interrupt = Interrupted()
 
