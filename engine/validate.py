@@ -136,6 +136,12 @@ class _Validation:
         if targets is None:
             return [n.id for n in self.workflow.nodes.values()
                     if n.class_type in self.registry and self.registry[n.class_type].output_node], None
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, (list, tuple)) \
+                or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in targets):
+            # Straight from a POST body: a bare string would otherwise be read character by character.
+            return [], _error("invalid_prompt", "Invalid prompt",
+                              f"partial_execution_targets must be a list of node ids, got {targets!r}")
+        targets = [str(t) for t in targets]  # numeric ids, as links may carry them
         missing = [t for t in targets if t not in self.workflow]
         if missing:
             return [], _error("invalid_prompt", "Invalid prompt",

@@ -228,6 +228,22 @@ def test_targets_narrow_the_outputs(registry):
     assert missing.error.details == "partial_execution_targets name nodes not in the prompt: ['77']"
 
 
+@pytest.mark.parametrize("targets", ["12", [["2"]], [None]])
+def test_targets_that_are_not_a_list_of_node_ids_are_invalid_prompt(registry, targets):
+    # A bare string must not be read character by character ("12" would run nodes 1 and 2).
+    raw = build_prompt(("1", "Output", {"value": ["3", 0]}), ("2", "Output", {"value": ["3", 0]}),
+                       ("3", "Constant", {"value": 1}), ("12", "Output", {"value": ["3", 0]}))
+    result = validate_prompt(raw, registry, targets=targets)
+    assert (result.error.type, result.outputs) == ("invalid_prompt", ())
+    assert result.error.details == f"partial_execution_targets must be a list of node ids, got {targets!r}"
+
+
+def test_numeric_targets_name_nodes_by_their_string_ids(registry):
+    raw = build_prompt(("1", "Constant", {"value": 1}), ("2", "Output", {"value": ["1", 0]}),
+                       ("3", "Output", {"value": ["1", 0]}))
+    assert validate_prompt(raw, registry, targets=[2]).outputs == ("2",)
+
+
 def test_undeclared_inputs_and_extra_keys_are_ignored(registry):
     raw = {"7:3": {"class_type": "Constant", "inputs": {"value": "4", "choose file to upload": "image"},
                    "_meta": {"title": "four"}, "color": "#fff"},
