@@ -91,12 +91,13 @@ class Executor:
                 targets: Sequence[str] | None = None, extra_data: Mapping[str, Any] | None = None) -> ExecutionResult:
         """Validate and run an API prompt; one prompt at a time (concurrent calls wait)."""
         prompt_id = prompt_id or str(uuid.uuid4())
-        validation = validate_prompt(prompt, self.registry, targets, self.settings)
-        if not validation.ok or validation.workflow is None:
-            return ExecutionResult(prompt_id, "invalid", validation)
         with self._running:
             self._interrupt.clear()
             try:
+                # Validated inside the lock: an interrupt that arrives meanwhile already finds the prompt running.
+                validation = validate_prompt(prompt, self.registry, targets, self.settings)
+                if not validation.ok or validation.workflow is None:
+                    return ExecutionResult(prompt_id, "invalid", validation)
                 return _Run(self, prompt, prompt_id, validation, extra_data or {}).execute()
             finally:
                 self._interrupt.clear()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from engine import Executor, ResultCache
+from engine import Executor, Int, ResultCache, node
 from engine.events import ExecutionError, ExecutionInterrupted, NodeDone, Progress
 from toy_nodes import build_prompt
 
@@ -146,6 +146,19 @@ def test_interrupt_from_another_thread_reaches_a_running_prompt(registry, settin
     worker.join(timeout=10)
     assert outcome[0].status == "interrupted"
     assert outcome[0].error.node_id == "1"
+
+
+def test_interrupt_requested_while_the_prompt_is_validated_stops_it_before_any_node(registry, settings):
+    # The server's worker has taken the prompt (the client sees it running) while it is still being validated.
+    executor = Executor(registry, cache=ResultCache(), settings=settings)
+
+    @node(outputs=[("INT", "value")], validate=lambda constants: executor.interrupt())
+    def InterruptedWhileValidated(value: Int(0)) -> tuple:
+        return (value,)
+    registry.register(InterruptedWhileValidated)
+    result = executor.execute(build_prompt(("1", "InterruptedWhileValidated", {"value": 1}),
+                                           ("2", "Output", {"value": ["1", 0]})))
+    assert (result.status, result.executed, result.error.node_id) == ("interrupted", (), "1")
 
 
 def test_interrupt_is_cleared_for_the_next_prompt(executor):
