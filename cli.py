@@ -120,6 +120,8 @@ def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
 
 def apply_overrides(prompt: dict[str, Any], overrides: Sequence[str], registry: Registry) -> dict[str, Any]:
     """Apply `NODE_ID.INPUT=VALUE` settings; VALUE is JSON when it parses as JSON, else a plain string."""
+    if not isinstance(prompt, dict):
+        return prompt  # not a prompt at all: validation names the problem
     prompt = {node_id: {**body, "inputs": dict(body.get("inputs", {}))} if isinstance(body, dict) else body
               for node_id, body in prompt.items()}
     for override in overrides:

@@ -129,6 +129,11 @@ def test_run_of_an_invalid_workflow_exits_1_with_its_errors(workflow, capsys):
     assert summary["node_errors"]["1"]["errors"][0]["type"] == "required_input_missing"
 
 
+def test_run_of_a_file_that_is_not_a_prompt_object_exits_1_with_invalid_prompt(workflow, capsys):
+    assert run_cli("run", workflow([1, 2])) == 1
+    assert "Invalid prompt: the prompt must be a JSON object of nodes, got list" in capsys.readouterr().err
+
+
 def test_run_target_runs_only_that_output(workflow, out_dir, capsys):
     assert run_cli("run", workflow(), "--output-dir", str(out_dir), "--target", "5", "--json") == 0
     assert json.loads(capsys.readouterr().out)["executed"] == ["1", "5"]
