@@ -169,7 +169,14 @@ def unet_config_from_shapes(
         use_linear_proj=len(proj) == 2,
         adm_in_channels=label[1] if label is not None else None,
         num_groups=overrides.num_groups or 32,
+        upcast_attention=sd2_upcasts_attention(family),
     )
+
+
+def sd2_upcasts_attention(family: str) -> bool:
+    # ComfyUI computes every SD2 UNet's attention in float32: SD2.1's attention logits overflow fp16 (NaN
+    # images) and the weights do not say which SD2 a file is. A no-op in float32.
+    return family == "sd2"
 
 
 def _unet_heads(family: str, overrides: HeadOverrides) -> tuple[int | None, int | None]:

@@ -22,7 +22,7 @@ from diffusion.checkpoints import (
     check_unexpected,
     load_text_encoder,
 )
-from diffusion.detection import PREDICTION_TYPES, PredictionChoice
+from diffusion.detection import PREDICTION_TYPES, PredictionChoice, sd2_upcasts_attention
 from diffusion.key_maps import (
     unet_config_from_diffusers,
     unet_diffusers_key_map,
@@ -115,6 +115,10 @@ def load_diffusers_folder(
     """A diffusers SD1/SD2 pipeline folder; see load_checkpoint."""
     family = folder_family(folder)
     unet_config = _config(folder / "unet" / "config.json", unet_config_from_diffusers)
+    if sd2_upcasts_attention(family):
+        # The same SD2 rule as for single files (ComfyUI converts folders and applies it too); SD2.0 folders
+        # leave upcast_attention off in config.json.
+        unet_config = dataclasses.replace(unet_config, upcast_attention=True)
     vae_config = _config(folder / "vae" / "config.json", vae_config_from_diffusers)
     unet = UNetModel(unet_config, device="meta")
     with open_component(folder / "unet", DIFFUSERS_WEIGHTS, variant) as source:

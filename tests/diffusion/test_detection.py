@@ -1,6 +1,9 @@
 """Family, layout and prediction type read from key structure, never from absolute widths (model-formats 3)."""
+import dataclasses
 import json
+import math
 import shutil
+import struct
 
 import pytest
 import torch
@@ -18,17 +21,25 @@ from diffusion.detection import (
     vae_config_from_shapes,
 )
 from diffusion.diffusers_folders import folder_family
-from diffusion.safetensors_io import CheckpointError, read_header
+from diffusion.safetensors_io import CheckpointError, SafetensorsFiles, read_header
+from diffusion.text_encoders import (
+    SD1_CLIP_L,
+    SD2_OPENCLIP_H,
+    ClipTextEncoder,
+    text_encoder_config_from_state_dict,
+    transformers_to_open_clip,
+)
 from diffusion.tiny_models import (
     TINY_SD1_TEXT,
     TINY_SD2_TEXT,
     tiny_overrides,
     tiny_unet_config,
     write_tiny_checkpoint,
+    write_tiny_diffusers_folder,
     write_tiny_vae,
 )
-from diffusion.unet import TINY_SD1_UNET, TINY_SD2_UNET
-from diffusion.vae import TINY_VAE
+from diffusion.unet import SD1_UNET, SD2_UNET, TINY_SD1_UNET, TINY_SD2_UNET, UNetModel
+from diffusion.vae import SD_VAE, TINY_VAE, AutoencoderKL
 
 
 def shapes_of(path):
@@ -82,7 +93,8 @@ def test_sd1_unet_layout_is_derived_from_shapes_with_the_family_head_rule(tiny_s
 def test_sd2_unet_layout_needs_the_explicit_head_width(tiny_sd2_checkpoint):
     unet_shapes = strip_prefix(shapes_of(tiny_sd2_checkpoint), UNET_PREFIX)
     assert unet_config_from_shapes(unet_shapes, "sd2").head_width == 64  # family rule
-    assert unet_config_from_shapes(unet_shapes, "sd2", tiny_overrides("sd2")) == TINY_SD2_UNET
+    expected = dataclasses.replace(TINY_SD2_UNET, upcast_attention=True)  # SD2's float32 attention rule
+    assert unet_config_from_shapes(unet_shapes, "sd2", tiny_overrides("sd2")) == expected
 
 
 def test_unet_layout_reads_levels_depths_and_context_from_structure(tiny_sd1_checkpoint):
@@ -230,15 +242,91 @@ def test_sd1_without_markers_defaults_to_eps(tiny_sd1_checkpoint):
 
 
 def test_diffusers_folder_prediction_comes_from_scheduler_config(tmp_path):
-    from diffusion.tiny_models import write_tiny_diffusers_folder
-
     folder = write_tiny_diffusers_folder(tmp_path / "v", "sd2", v_prediction=True)
     loaded = load_checkpoint(folder)
     assert (loaded.prediction, loaded.prediction_source) == ("v_prediction", "scheduler_config.json")
     assert load_checkpoint(folder, prediction="eps").prediction_source == "override"
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_sd2_unets_attend_in_float32_from_either_form(family, tmp_path):
+    # ComfyUI runs every SD2 UNet's attention in float32: SD2.1's attention logits overflow fp16 (NaN images),
+    # and a single file does not say which SD2 it is. Free in fp32; SD1 stays in the model dtype.
+    single = load_checkpoint(write_tiny_checkpoint(tmp_path / "m.safetensors", family), overrides=tiny_overrides(family))
+    folder = load_checkpoint(write_tiny_diffusers_folder(tmp_path / "folder", family))
+    expected = family == "sd2"
+    assert (single.unet_config.upcast_attention, folder.unet_config.upcast_attention) == (expected, expected)
+
+
 def test_inpaint_config_has_nine_input_channels(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "inpaint.safetensors", "sd1", inpaint=True)
     loaded = load_checkpoint(path, overrides=tiny_overrides("sd1"))
     assert loaded.unet_config == tiny_unet_config("sd1", inpaint=True) and loaded.variant == "inpaint"
+
+
+# --- real-size key sets ------------------------------------------------------------------------------------
+
+
+def write_header_only(path, shapes: dict) -> None:
+    """A real-layout fp16 safetensors file whose data section is a hole: the header is exact, the file sparse."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)
+
+
+def real_single_file_shapes(family: str) -> dict:
+    """Every key and shape of a real SD1 / SD2 single file, from meta-built modules in the file's naming."""
+    unet = UNetModel({"sd1": SD1_UNET, "sd2": SD2_UNET}[family], device="meta").state_dict()
+    vae = AutoencoderKL(SD_VAE, device="meta").state_dict()
+    text = {k.removeprefix("transformer."): v for k, v in ClipTextEncoder(
+        {"sd1": SD1_CLIP_L, "sd2": SD2_OPENCLIP_H}[family], device="meta").state_dict().items()}
+    if family == "sd1":
+        text = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()}
+    else:
+        text = {f"cond_stage_model.model.{k}": v for k, v in transformers_to_open_clip(text).items()}
+    tensors = {UNET_PREFIX + k: v for k, v in unet.items()} | {VAE_PREFIX + k: v for k, v in vae.items()} | text
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def real_size_file(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / f"real_{request.param}.safetensors"
+    write_header_only(path, real_single_file_shapes(request.param))
+    return request.param, path
+
+
+def test_real_size_header_is_detected_as_its_family(real_size_file):
+    family, path = real_size_file
+    assert path.stat().st_size > 1_500_000_000  # the real ~2 GB fp16 layout, held as a sparse file
+    found = detect_family(shapes_of(path))
+    assert (found.family, found.in_channels, found.variant) == (family, 4, "base")
+
+
+def test_real_size_header_gives_the_real_unet_vae_and_text_presets(real_size_file):
+    family, path = real_size_file
+    shapes = shapes_of(path)
+    unet = unet_config_from_shapes(strip_prefix(shapes, UNET_PREFIX), family)
+    # SD2 attention runs in float32 (ComfyUI does this for every SD2 model: SD2.1's logits overflow fp16).
+    expected_unet = {"sd1": SD1_UNET, "sd2": dataclasses.replace(SD2_UNET, upcast_attention=True)}[family]
+    assert unet == expected_unet
+    assert vae_config_from_shapes(strip_prefix(shapes, VAE_PREFIX)) == SD_VAE
+    text_prefix = detect_family(shapes).text_prefix
+    text = text_encoder_config_from_state_dict(strip_prefix(shapes, text_prefix), base={
+        "sd1": SD1_CLIP_L, "sd2": SD2_OPENCLIP_H}[family])
+    assert text == {"sd1": SD1_CLIP_L, "sd2": SD2_OPENCLIP_H}[family]
+
+
+def test_real_size_sd2_header_without_markers_runs_the_norm_bias_heuristic(real_size_file):
+    family, path = real_size_file
+    with SafetensorsFiles([path]) as source:
+        choice = detect_prediction(source.shapes(), family=family, read_tensor=source.get, path=path)
+    # All-zero weights: the SD2 norm-bias spread is 0, so the heuristic says eps (SD1 never runs it).
+    expected = {"sd1": "family default", "sd2": "SD2 norm-bias heuristic"}[family]
+    assert (choice.prediction, choice.source) == ("eps", expected)
