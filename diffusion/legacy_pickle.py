@@ -66,12 +66,22 @@ def load_pickle_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 # Pre-1.6 (non-zip) torch files cannot be memory-mapped; read them whole.
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        match = re.search(r"GLOBAL ([\w.]+)", str(error))
-        wanted = match.group(1) if match else str(error).splitlines()[0]
-        raise CheckpointError(f"unsafe or unsupported checkpoint: {path} wants {wanted}") from None
+        raise CheckpointError(refusal_message(path, str(error))) from None
     except Exception as error:  # noqa: BLE001 - the unpickler fails on garbage with any exception type
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     return _unwrap(loaded, path)
+
+
+def refusal_message(path: Path, message: str) -> str:
+    """"unsafe or unsupported checkpoint: <file> wants <global>" (or the unpickler's reason) from torch's error."""
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    if match:
+        return f"unsafe or unsupported checkpoint: {path} wants {match.group(1)}"
+    # torch's message opens with advice to retry with weights_only=False (running the file's code); report
+    # only the restricted unpickler's own reason, e.g. "Unsupported operand 103".
+    reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", message, re.S)
+    detail = reason.group(1) if reason else message.splitlines()[-1]
+    return f"unsafe or unsupported checkpoint: {path}: {detail}"
 
 
 def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:

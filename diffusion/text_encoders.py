@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .legacy_pickle import refusal_message
 from .prompt_weights import EmbeddingLookup, WeightedToken, tokenize_prompt
 from .tokenizer import ClipTokenizer
 
@@ -449,7 +450,10 @@ def load_textual_inversion(path: str | os.PathLike, *, key: str | None = None) -
     else:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        except pickle.UnpicklingError as exc:
+            reason = refusal_message(path, str(exc))
+            raise ValueError(f"{path}: not an embedding file that can be read safely ({reason})") from None
+        except (RuntimeError, EOFError) as exc:
             raise ValueError(f"{path}: not an embedding file that can be read safely ({exc})") from exc
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping of tensors, found {type(data).__name__}")

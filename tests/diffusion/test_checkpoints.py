@@ -314,6 +314,14 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_refused_pickle_without_a_global_names_the_unpickler_reason_not_torchs_advice(tmp_path):
+    path = tmp_path / "odd.ckpt"
+    path.write_bytes(b"garbage")  # "g" is pickle's GET opcode, which the restricted unpickler does not run
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == f"unsafe or unsupported checkpoint: {path}: Unsupported operand 103"
+
+
 def write_lightning_checkpoint(path, state_dict):
     """A CompVis-era .ckpt: a Lightning ModelCheckpoint callback and numpy scalars beside the weights."""
     import types
