@@ -1,6 +1,7 @@
 """Loading checkpoints: round trips between formats, dtypes, memory, and every kind of bad file."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion import safetensors_io
 from diffusion.checkpoints import default_dtype, load_checkpoint, load_vae
+from diffusion.legacy_pickle import safe_globals
 from diffusion.memory import weight_bytes
 from diffusion.safetensors_io import CheckpointError
 from diffusion.tiny_models import (
@@ -358,6 +360,17 @@ def test_lightning_checkpoint_loads_like_the_safetensors_file(tmp_path, tiny_sd1
     for part in PARTS:
         assert differing_keys(state(from_ckpt, part), state(from_safetensors, part)) == [], part
     assert "pytorch_lightning" not in sys.modules
+
+
+def test_lightning_allowlist_is_scoped_to_the_load(tmp_path, tiny_sd1_checkpoint):
+    path = tmp_path / "compvis.ckpt"
+    write_lightning_checkpoint(path, load_file(tiny_sd1_checkpoint))
+    load_tiny(path)
+    ours = {id(entry) for entry, _name in safe_globals()}
+    registered = [g[0] if isinstance(g, tuple) else g for g in torch.serialization.get_safe_globals()]
+    assert [g for g in registered if id(g) in ours] == []
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):  # a plain load still refuses it
+        torch.load(path, weights_only=True)
 
 
 def test_garbage_ckpt_is_not_a_readable_torch_checkpoint(tmp_path):
