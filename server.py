@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import threading
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -25,8 +26,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
-from engine import Executor, Registry, RunSettings, validate_prompt
-from engine.events import Event, Progress
+from engine import Executor, Registry, RunSettings, ValidationResult, validate_prompt
+from engine.events import Event, ExecutionError, ExecutionStart, Executing, Progress
 from engine.model_folders import MODEL_FOLDERS, model_files
 from engine.paths import UnsafePathError, resolve_inside
 from engine.queue import PromptQueue, QueueItem
@@ -111,16 +112,34 @@ class Server:
                 result = self.executor.execute(item.prompt, item.prompt_id, item.outputs_to_execute or None,
                                                item.extra_data)
                 outputs, status = result.outputs, ("success" if result.ok else "error")
-            except Exception:  # the engine reports node failures itself; this is a bug, not a node error
+                if result.status == "invalid":
+                    self._report_invalid(item, result.validation)
+            except Exception as crash:  # the engine reports node failures itself; this is a bug, not a node error
                 log.exception("prompt %s crashed the executor", item.prompt_id)
+                self._on_event(ExecutionError(item.prompt_id, exception_message=str(crash),
+                                              exception_type=type(crash).__name__,
+                                              traceback=traceback.format_exception(crash)))
             finally:
                 self._current = None
-                self.queue.finish(item, outputs, status, self._messages)
+                self.queue.finish(item, outputs, status, self._messages, notify=False)
+                # Only now that the history entry exists: ComfyUI's clients read /history/{id} on this message.
+                self._post(item.client_id, {"type": "executing", "data": Executing(item.prompt_id, None).data()})
+                self._queue_changed()
+
+    def _report_invalid(self, item: QueueItem, validation: ValidationResult) -> None:
+        """A prompt valid when queued but not when its turn came (say a model file was deleted meanwhile)
+        gets a start and an error like a failed node, so its client does not wait forever."""
+        node_id = next(iter(validation.node_errors), "")
+        node_type = validation.node_errors[node_id].class_type if node_id else ""
+        error_type = validation.error.type if validation.error is not None else "invalid_prompt"
+        self._on_event(ExecutionStart(item.prompt_id))
+        self._on_event(ExecutionError(item.prompt_id, node_id=node_id, node_type=node_type,
+                                      exception_message="\n".join(validation.messages()), exception_type=error_type))
 
     def _on_event(self, event: Event) -> None:
         """Called on the worker thread for every engine event of the running prompt."""
-        if not event.comfyui:
-            return
+        if not event.comfyui or (isinstance(event, Executing) and event.node is None):
+            return  # the worker sends the final `executing` itself, after the history entry is written
         data = event.data()
         if event.type in HISTORY_MESSAGES:
             self._messages.append((event.type, data))
@@ -249,10 +268,13 @@ class Server:
         if not isinstance(upload, web.FileField):
             raise web.HTTPBadRequest(text="upload needs a multipart file field 'image'")
         subfolder = str(fields.get("subfolder", ""))
+        name = Path(upload.filename or "").name
+        if not name:
+            raise web.HTTPBadRequest(text=f"upload needs a file name, got {upload.filename!r}")
         overwrite = str(fields.get("overwrite", "")).lower() in ("true", "1")
         try:
             folder = self.settings.folder_for(str(fields.get("type", "input")))
-            target = resolve_inside(folder, str(Path(subfolder) / Path(upload.filename or "").name))
+            target = resolve_inside(folder, str(Path(subfolder) / name))
         except (ValueError, UnsafePathError) as problem:
             raise web.HTTPForbidden(text=str(problem))
         content = upload.file.read()
@@ -333,7 +355,7 @@ def preview_frame(preview: Any) -> bytes | None:
 @web.middleware
 async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     origin = request.headers.get("Origin")
-    if origin and origin != "null":
+    if origin:  # "null" too: sandboxed iframes and data: pages send it, and they are cross-site
         origin_host = urlsplit(origin).netloc
         if origin_host.lower() != request.host.lower():
             raise web.HTTPForbidden(text=f"cross-origin request from {origin} refused")

@@ -85,13 +85,16 @@ class PromptQueue:
         return item
 
     def finish(self, item: QueueItem, outputs: dict[str, Any], status_str: str,
-               messages: list[tuple[str, dict[str, Any]]]) -> None:
+               messages: list[tuple[str, dict[str, Any]]], *, notify: bool = True) -> None:
+        """Move a running item to the history; `notify=False` leaves the change callback to the caller
+        (the server first tells the client its prompt finished, then sends the new queue status)."""
         with self._condition:
             self._running.pop(item.prompt_id, None)
             self._history[item.prompt_id] = HistoryEntry(item, outputs, status_str, messages)
             while len(self._history) > self._history_limit:
                 self._history.popitem(last=False)
-        self._on_change()
+        if notify:
+            self._on_change()
 
     def running(self) -> list[QueueItem]:
         with self._condition:

@@ -291,3 +291,76 @@ def test_combo_options_and_validation_use_the_servers_models_folder(live_server:
     prompt["1"]["inputs"]["name"] = "theirs.toy"
     status, answer = run(post_json(live_server, "/prompt", {"prompt": prompt}))
     assert status == 400 and answer["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_history_is_written_before_the_client_hears_the_prompt_finished(live_server: LiveServer) -> None:
+    # ComfyUI's example client reads /history/{id} as soon as `executing` with node null arrives.
+    state = live_server.state
+    deliver = state._post
+    recorded_at_finish = []
+
+    def watching(client_id: Any, message: Any) -> None:
+        if isinstance(message, dict) and message["type"] == "executing" and message["data"]["node"] is None:
+            recorded_at_finish.append(state.queue.history_entry(message["data"]["prompt_id"]) != {})
+        deliver(client_id, message)
+    state._post = watching
+    _, messages, _ = run(queue_and_collect(live_server, toy_prompt(3)))
+    assert recorded_at_finish == [True]
+    assert [m["type"] for m in messages][-2:] == ["execution_success", "executing"]
+
+
+def test_prompt_invalid_when_its_turn_comes_fails_and_still_finishes_for_the_client(live_server: LiveServer) -> None:
+    toy = live_server.settings.models_dir / "toys" / "mine.toy"
+    toy.parent.mkdir(parents=True)
+    toy.write_text("toy")
+    slow = {"1": {"class_type": "Wait", "inputs": {"value": 1, "ticks": 5}},
+            "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+    loader = {"1": {"class_type": "PickToyFile", "inputs": {"name": "mine.toy"}},
+              "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{live_server.url}/ws?clientId=late") as socket:
+                await session.post(f"{live_server.url}/prompt", json={"prompt": slow, "client_id": "late"})
+                async with session.post(f"{live_server.url}/prompt",
+                                        json={"prompt": loader, "client_id": "late"}) as answer:
+                    queued = await answer.json()
+                toy.unlink()  # the file goes away while the prompt waits in the queue
+                messages = []
+                while True:
+                    message = await socket.receive(10)
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        messages.append(json.loads(message.data))
+                        data = messages[-1]["data"]
+                        if messages[-1]["type"] == "executing" and data == {"node": None, "display_node": None,
+                                                                            "prompt_id": queued["prompt_id"]}:
+                            return queued, messages
+    queued, messages = run(scenario())
+    mine = [m for m in messages if m["data"].get("prompt_id") == queued["prompt_id"]]
+    assert [m["type"] for m in mine] == ["execution_start", "execution_error", "executing"]
+    error = mine[1]["data"]
+    assert (error["node_id"], error["node_type"], error["exception_type"]) == (
+        "1", "PickToyFile", "prompt_outputs_failed_validation")
+    assert "value_not_in_list: name: 'mine.toy' not in []" in error["exception_message"]
+    entry = run(wait_for_history(live_server, queued["prompt_id"]))
+    assert entry["status"]["status_str"] == "error"
+    assert [kind for kind, _ in entry["status"]["messages"]] == ["execution_start", "execution_error"]
+
+
+def test_null_origin_is_refused(live_server: LiveServer) -> None:
+    # Sandboxed iframes and data: pages send `Origin: null`; letting them through defeats the origin check.
+    status, _ = run(post_json(live_server, "/prompt", {"prompt": toy_prompt()}, Origin="null"))
+    assert status == 403
+
+
+def test_upload_without_a_file_name_is_a_bad_request(live_server: LiveServer) -> None:
+    async def upload(name: str) -> int:
+        form = aiohttp.FormData()
+        form.add_field("image", b"data", filename=name, content_type="image/png")
+        form.add_field("overwrite", "true")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{live_server.url}/upload/image", data=form) as answer:
+                return answer.status
+    assert run(upload("")) == 400
+    assert run(upload(".")) == 400
+    assert list(live_server.settings.input_dir.iterdir()) == []
