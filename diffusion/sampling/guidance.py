@@ -2,7 +2,7 @@
 
 A CONDITIONING value is a list of `[cross_attn [B, T, C], extras]` pairs (comfyui-interface.md 3). Each
 entry predicts D over its area; the predictions of one list are averaged with weights area-mask x
-strength (area edges feathered over 8 latent pixels where they do not touch the border), and regions
+strength (area edges feathered over up to 8 latent pixels where they do not touch the border), and regions
 no entry covers predict 0, as ComfyUI does. Entries of both lists whose inputs share a shape run through
 the model in one batch; prompts of different token lengths are repeated to their least common multiple
 (model-formats.md 6.6), which leaves cross-attention unchanged.
@@ -21,7 +21,7 @@ from .model_sampling import ModelSampling
 
 # ComfyUI only batches token lengths whose least common multiple is at most 4x the shorter one.
 MAX_CONTEXT_REPEAT = 4
-# Area edges fade in over this many latent pixels (ComfyUI's ConditioningSetArea feathering).
+# Area edges fade in over at most this many latent pixels (ComfyUI's area feathering).
 AREA_FEATHER = 8
 
 
@@ -106,7 +106,9 @@ def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
 
 def _resolve_area(cond: Condition, mask: Tensor | None, height: int, width: int) -> tuple[int, int, int, int] | None:
     if cond.set_area_to_bounds and mask is not None:
-        return _mask_bounds(mask)
+        # ComfyUI grows the box to at least 8 latent pixels (ConditioningSetArea's 64-pixel minimum).
+        h, w, y, x = _mask_bounds(mask)
+        return (max(8, h), max(8, w), y, x)
     if cond.area is None:
         return None
     if cond.area[0] == "percentage":
@@ -117,14 +119,20 @@ def _resolve_area(cond: Condition, mask: Tensor | None, height: int, width: int)
 
 
 def _edge_ramp(size: int, start: int, full: int) -> Tensor:
-    """Per-row weights that fade an area in from each edge not lying on the latent's border."""
+    """Per-row weights that fade an area in from each edge not lying on the latent's border.
+
+    ComfyUI fades over min(8, size // 4) rows with weights 1/n, 2/n, ..., 1, so areas under 4 latent
+    pixels are not faded at all.
+    """
     ramp = torch.ones(size)
-    fade = torch.arange(1, AREA_FEATHER + 1, dtype=torch.float32) / AREA_FEATHER
-    n = min(AREA_FEATHER, size)
+    n = min(AREA_FEATHER, size // 4)
+    if n == 0:
+        return ramp
+    fade = torch.arange(1, n + 1, dtype=torch.float32) / n
     if start != 0:
-        ramp[:n] *= fade[:n]
+        ramp[:n] *= fade
     if start + size < full:
-        ramp[size - n :] *= fade[:n].flip(0)
+        ramp[size - n :] *= fade.flip(0)
     return ramp
 
 

@@ -73,19 +73,34 @@ def test_prompts_whose_lengths_differ_more_than_fourfold_run_separately(sd_sampl
     assert sorted(network.calls) == [((2, 4, 8, 8), (2, 77, 16)), ((2, 4, 8, 8), (2, 385, 16))]
 
 
-def test_area_prediction_is_feathered_and_averaged_with_the_full_prompt(sd_sampling, sigma, x):
-    area = _prompt(1.0, area=(4, 4, 2, 2), strength=1.0)
-    guider, network = _guider(sd_sampling, [_prompt(0.0), area], [_prompt(0.0)], cfg=1.0)
+def test_area_prediction_is_feathered_and_averaged_with_the_full_prompt(sd_sampling):
+    shape = (1, 4, 24, 24)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2
+    sigma = float(sd_sampling.sigmas[500])
+    area = _prompt(1.0, area=(16, 12, 4, 8), strength=1.0)
+    guider, network = _guider(sd_sampling, [_prompt(0.0), area], [_prompt(0.0)], cfg=1.0, shape=shape)
     out = guider(x, sigma)
     exact = GaussianData().denoise(x, sigma)
-    # Both area edges lie inside the latent: each row and column is faded from both sides,
-    # (1/8, 2/8, 3/8, 4/8) * (4/8, 3/8, 2/8, 1/8).
-    ramp = torch.tensor([4, 6, 6, 4]) / 64
-    weight = ramp[:, None] * ramp[None, :]
+    # ComfyUI fades each inner edge over min(8, size // 4) rows: 4 rows of (1/4, 2/4, 3/4, 1) for the
+    # 16 rows, 3 columns of (1/3, 2/3, 1) for the 12 columns.
+    rows = torch.tensor([1, 2, 3] + [4] * 10 + [3, 2, 1]) / 4
+    cols = torch.tensor([1, 2] + [3] * 8 + [2, 1]) / 3
+    weight = rows[:, None] * cols[None, :]
     expected = exact.clone()
-    expected[:, :, 2:6, 2:6] = exact[:, :, 2:6, 2:6] - sigma * GAIN * weight / (1 + weight)
+    expected[:, :, 4:20, 8:20] = exact[:, :, 4:20, 8:20] - sigma * GAIN * weight / (1 + weight)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert sorted(shape for shape, _ in network.calls) == [(2, 4, 4, 4), (2, 4, 8, 8)]
+    assert sorted(shape for shape, _ in network.calls) == [(1, 4, 16, 12), (1, 4, 24, 24)]
+
+
+def test_areas_narrower_than_four_latent_pixels_are_not_feathered(sd_sampling, sigma, x):
+    area = _prompt(1.0, area=(3, 4, 2, 2), strength=1.0)
+    guider, _ = _guider(sd_sampling, [_prompt(0.0), area], [_prompt(0.0)], cfg=1.0)
+    out = guider(x, sigma)
+    exact = GaussianData().denoise(x, sigma)
+    # 3 // 4 = 0 rows of fade; 4 // 4 = 1 column of fade at weight 1/1: the area weighs 1 everywhere.
+    expected = exact.clone()
+    expected[:, :, 2:5, 2:6] = exact[:, :, 2:5, 2:6] - sigma * GAIN * 0.5
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_area_edges_on_the_latent_border_are_not_feathered(sd_sampling, sigma, x):
@@ -119,14 +134,31 @@ def test_mask_weights_the_prediction_by_mask_times_strengths_without_feathering(
     torch.testing.assert_close(out[..., 4:], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_set_area_to_bounds_crops_the_model_input_to_the_mask(sd_sampling, sigma, x):
-    mask = torch.zeros(8, 8)
-    mask[1:4, 2:7] = 1.0
+def test_set_area_to_bounds_crops_the_model_input_to_the_mask(sd_sampling, sigma):
+    shape = (1, 4, 16, 16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(16, 16)
+    mask[1:11, 2:11] = 1.0
     guider, network = _guider(
-        sd_sampling, [_prompt(0.0), _prompt(1.0, mask=mask, set_area_to_bounds=True)], [_prompt(0.0)], cfg=1.0
+        sd_sampling, [_prompt(0.0), _prompt(1.0, mask=mask, set_area_to_bounds=True)], [_prompt(0.0)],
+        cfg=1.0, shape=shape,
     )
     guider(x, sigma)
-    assert sorted(shape for shape, _ in network.calls) == [(2, 4, 3, 5), (2, 4, 8, 8)]
+    assert sorted(shape for shape, _ in network.calls) == [(1, 4, 10, 9), (1, 4, 16, 16)]
+
+
+def test_set_area_to_bounds_grows_a_small_mask_box_to_eight_latent_pixels(sd_sampling):
+    # ComfyUI's minimum area (64 px = 8 latent px), clipped where the box would leave the latent.
+    shape = (1, 4, 16, 16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(16, 16)
+    mask[2:5, 11:14] = 1.0
+    guider, network = _guider(
+        sd_sampling, [_prompt(0.0), _prompt(1.0, mask=mask, set_area_to_bounds=True)], [_prompt(0.0)],
+        cfg=1.0, shape=shape,
+    )
+    guider(x, float(sd_sampling.sigmas[500]))
+    assert sorted(shape for shape, _ in network.calls) == [(1, 4, 8, 5), (1, 4, 16, 16)]
 
 
 def test_timestep_range_switches_a_prompt_on_only_inside_its_percent_window(sd_sampling, x):
