@@ -138,3 +138,14 @@ def test_default_mover_moves_real_parameters():
     manager = ModelManager("meta", budget_bytes=1 << 20)
     manager.load_to_device([model])
     assert model.weight.device.type == "meta"
+
+
+def test_free_cuda_memory_counts_blocks_the_allocator_caches(monkeypatch):
+    # After a run torch keeps freed activations reserved; the driver reports them as used, but they are
+    # ours to reuse, so offloading models to make room for them would be wrong (ComfyUI counts them too).
+    from diffusion import memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000, 10_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3_000)
+    assert memory._free_device_bytes(torch.device("cuda:0")) == 1_000 + (5_000 - 3_000)
