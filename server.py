@@ -40,6 +40,8 @@ HISTORY_MESSAGES = {"execution_start", "execution_cached", "execution_success", 
                     "execution_interrupted"}
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 PREVIEW_FORMATS = {"JPEG": 1, "PNG": 2}
+#: Content types `/view` shows in the browser; anything else is sent as a download.
+INLINE_MEDIA = ("image/", "video/", "audio/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -259,8 +261,12 @@ class Server:
         if not path.is_file():
             raise web.HTTPNotFound(text=f"no file {filename!r} in {query.get('type', 'output')}")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return web.FileResponse(path, headers={"Content-Type": content_type,
-                                               "Content-Disposition": f'inline; filename="{path.name}"'})
+        disposition = "inline"
+        if not content_type.startswith(INLINE_MEDIA) or content_type == "image/svg+xml":
+            # Pages and SVGs run scripts with this server's origin: anything but plain media is a download.
+            content_type, disposition = "application/octet-stream", "attachment"
+        return web.FileResponse(path, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff",
+                                               "Content-Disposition": f'{disposition}; filename="{path.name}"'})
 
     async def upload_image(self, request: web.Request) -> web.Response:
         fields = await request.post()

@@ -364,3 +364,22 @@ def test_upload_without_a_file_name_is_a_bad_request(live_server: LiveServer) ->
     assert run(upload("")) == 400
     assert run(upload(".")) == 400
     assert list(live_server.settings.input_dir.iterdir()) == []
+
+
+def test_view_serves_only_media_inline_and_everything_else_as_a_download(live_server: LiveServer) -> None:
+    # An uploaded page or SVG opened through /view would run its script with the server's origin.
+    inputs = live_server.settings.input_dir
+    (inputs / "page.html").write_text("<script>fetch('/prompt')</script>")
+    (inputs / "drawing.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'><script>1</script></svg>")
+    (inputs / "photo.png").write_bytes(b"\x89PNG fake")
+
+    async def headers(name: str) -> tuple[str, str, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{live_server.url}/view?filename={name}&type=input") as answer:
+                assert answer.status == 200
+                return (answer.headers["Content-Type"], answer.headers["Content-Disposition"],
+                        answer.headers["X-Content-Type-Options"])
+    assert run(headers("page.html")) == ("application/octet-stream", 'attachment; filename="page.html"', "nosniff")
+    assert run(headers("drawing.svg")) == ("application/octet-stream", 'attachment; filename="drawing.svg"',
+                                           "nosniff")
+    assert run(headers("photo.png")) == ("image/png", 'inline; filename="photo.png"', "nosniff")
