@@ -95,7 +95,16 @@ class BrownianTreeNoiseSampler:
 
     def __init__(self, like: Tensor, sigma_min: float, sigma_max: float, seed: int, on_device: bool = False) -> None:
         self.like = like
-        self.tree = BrownianTree(sigma_min, sigma_max, like.shape, seed, device=like.device if on_device else "cpu")
+        self._tree_args = (sigma_min, sigma_max, like.shape, seed)
+        self._device = like.device if on_device else torch.device("cpu")
+        self._tree: BrownianTree | None = None
+
+    @property
+    def tree(self) -> BrownianTree:
+        # Built on first use: a one-step schedule [sigma, 0] has no interval to span and never asks for noise.
+        if self._tree is None:
+            self._tree = BrownianTree(*self._tree_args, device=self._device)
+        return self._tree
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         low, high = min(sigma, sigma_next), max(sigma, sigma_next)

@@ -161,6 +161,9 @@ def run_sampler(
     is_flow = model_sampling is not None and model_sampling.is_flow
     if is_flow and not spec.supports_flow:
         raise ValueError(f"sampler {name!r} renoises in VE variables and does not support flow models yet")
+    if len(sigmas) < 2:
+        # No step to take (ComfyUI returns the input too); dpm_fast, uni_pc and the noise sources need a step.
+        return x
     flow_options = spec.flow_options if is_flow and spec.flow_options else {}
     kwargs: dict[str, Any] = {**spec.options, **flow_options, **options, "callback": callback}
     noise = make_noise_sampler(spec.noise, x, sigmas, seed, batch_index)

@@ -7,7 +7,7 @@ from gaussian_oracle import GaussianData, GaussianEpsNetwork
 
 from diffusion.sampling import SAMPLER_NAMES
 from diffusion.sampling.model_sampling import DiscreteConfig, DiscreteModelSampling
-from diffusion.sampling.registry import get_sampler
+from diffusion.sampling.registry import get_sampler, run_sampler
 from diffusion.sampling.sample import SamplingModel, sample
 
 # ComfyUI's KSampler list (model-formats.md 9.2), then plms, which only diffusers has.
@@ -62,3 +62,18 @@ def test_v_prediction_model_samples_like_the_equivalent_eps_model(sd_sampling, n
     eps_out = sample(SamplingModel(GaussianEpsNetwork(data, sd_sampling), sd_sampling), cond, cond, latent, **options)
     v_out = sample(SamplingModel(v_network, v_sampling), cond, cond, latent, **options)
     torch.testing.assert_close(v_out, eps_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_a_single_sigma_leaves_the_sample_untouched_without_model_calls(sd_sampling, name):
+    # A one-entry schedule (e.g. SplitSigmas at the last step) has no step to take, as in ComfyUI.
+    calls = []
+
+    def denoiser(x, sigma):
+        calls.append(sigma)
+        return x
+
+    x = torch.randn(1, 4, 8, 8)
+    for sigmas in (torch.tensor([3.0]), torch.tensor([0.0])):
+        assert run_sampler(name, denoiser, x, sigmas, seed=1, model_sampling=sd_sampling) is x
+    assert calls == []

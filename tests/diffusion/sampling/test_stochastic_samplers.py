@@ -92,3 +92,12 @@ def test_flow_models_refuse_ve_only_ancestral_samplers(gaussian):
     with pytest.raises(ValueError, match="dpm_2_ancestral.*flow"):
         run_sampler("dpm_2_ancestral", gaussian, torch.zeros(4), torch.tensor([1.0, 0.0]), seed=0,
                     model_sampling=FlowModelSampling())
+
+
+@pytest.mark.parametrize("name", [n for n, spec in SAMPLERS.items() if spec.noise.startswith("brownian")])
+def test_sde_samplers_take_a_single_step_straight_to_the_denoised_sample(gaussian, sd_sampling, name):
+    # One step [sigma_max, 0] leaves a single positive sigma: no Brownian interval to span, and none needed.
+    x = _pure_noise_start(gaussian)
+    sigmas = torch.tensor([SD_SIGMA_MAX, 0.0])
+    out = run_sampler(name, gaussian, x, sigmas, seed=5, model_sampling=sd_sampling)
+    torch.testing.assert_close(out, gaussian.denoise(x, float(sigmas[0])))
