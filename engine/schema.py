@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import pkgutil
 import sys
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ class NodeType:
         if len(result.outputs) != len(self.outputs):
             raise TypeError(f"node {self.name} returned {len(result.outputs)} output(s); it declares "
                             f"{len(self.outputs)}: {[o.name for o in self.outputs]}")
+        if result.ui is not None:
+            try:  # ui data goes to websocket clients and into the history as JSON
+                json.dumps(result.ui, allow_nan=False)
+            except (TypeError, ValueError) as problem:
+                raise TypeError(f"node {self.name} returned ui data that is not JSON: {problem}") from None
         return result
 
     def object_info(self, settings: RunSettings | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from engine import Executor, Int, ResultCache, node
+from engine import Executor, Int, NodeResult, ResultCache, node
 from engine.events import ExecutionError, ExecutionInterrupted, NodeDone, Progress
 from toy_nodes import build_prompt
 
@@ -91,6 +91,18 @@ def test_node_returning_the_wrong_arity_fails_with_a_clear_message(executor):
     result = executor.execute(build_prompt(("1", "BadArity", {"value": 1}), ("2", "Output", {"value": ["1", 0]})))
     assert (result.error.exception_type, result.error.exception_message) == (
         "TypeError", "node BadArity returned 2 output(s); it declares 1: ['value']")
+
+
+def test_ui_data_that_is_not_json_fails_the_node_that_returned_it(registry, executor):
+    # It goes to websocket clients and into the history; one odd value must not break those for everyone.
+    @node(output_node=True)
+    def ShowsAnObject(value: Int(0)) -> NodeResult:
+        return NodeResult(ui={"images": [{"filename": object()}]})
+    registry.register(ShowsAnObject)
+    result = executor.execute(build_prompt(("1", "ShowsAnObject", {"value": 1})))
+    assert (result.status, result.error.node_id, result.error.exception_type) == ("error", "1", "TypeError")
+    assert result.error.exception_message.startswith("node ShowsAnObject returned ui data that is not JSON: ")
+    assert result.outputs == {} and len(executor.cache) == 0
 
 
 def test_invalid_prompt_runs_nothing_and_emits_nothing(executor, events):
