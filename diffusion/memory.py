@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -46,7 +47,8 @@ def _free_device_bytes(device: torch.device) -> int:
 
 @dataclass
 class _Resident:
-    model: nn.Module
+    # Weak: the model cache owns models; one it drops frees its device memory with it (and leaves our table).
+    ref: weakref.ref
     size: int
     pins: int = 0
 
@@ -77,20 +79,21 @@ class ModelManager:
         self._free_bytes = free_bytes
         self._resident: OrderedDict[int, _Resident] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
+        self._dead: list[int] = []
 
     @property
     def resident(self) -> list[nn.Module]:
         """Models on the device, least recently used first."""
-        with self._lock:
-            return [entry.model for entry in self._resident.values()]
+        with self._table():
+            return [model for entry in self._resident.values() if (model := entry.ref()) is not None]
 
     @property
     def resident_bytes(self) -> int:
-        with self._lock:
+        with self._table():
             return sum(entry.size for entry in self._resident.values())
 
     def is_resident(self, model: nn.Module) -> bool:
-        with self._lock:
+        with self._table():
             return id(model) in self._resident
 
     def budget(self) -> int:
@@ -100,7 +103,7 @@ class ModelManager:
 
     def load_to_device(self, models: Iterable[nn.Module]) -> None:
         """Put every given model on the device, offloading least recently used others to make room."""
-        with self._lock:
+        with self._table():
             wanted = list({id(m): m for m in models}.values())
             missing = [m for m in wanted if id(m) not in self._resident]
             needed = sum(weight_bytes(m) for m in missing)
@@ -108,7 +111,8 @@ class ModelManager:
                 self._make_room(needed, keep={id(m) for m in wanted})
             for model in missing:
                 self._mover(model, self.device)
-                self._resident[id(model)] = _Resident(model, weight_bytes(model))
+                ref = weakref.ref(model, self._forget(id(model)))
+                self._resident[id(model)] = _Resident(ref, weight_bytes(model))
             for model in wanted:
                 self._resident.move_to_end(id(model))
 
@@ -117,8 +121,8 @@ class ModelManager:
         for key in list(self._resident):
             if self.resident_bytes + needed <= budget:
                 return
-            entry = self._resident[key]
-            if key in keep or entry.pins:
+            entry = self._resident.get(key)
+            if entry is None or key in keep or entry.pins:
                 continue
             self._offload(key)
         if self.resident_bytes + needed > budget:
@@ -128,21 +132,38 @@ class ModelManager:
                 needed, self.device, budget, self.resident_bytes,
             )
 
+    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
+        # Runs inside garbage collection, possibly mid-iteration of the table: only note the key here.
+        return lambda _dead: self._dead.append(key)
+
+    @contextmanager
+    def _table(self) -> Iterator[None]:
+        """The lock, with the entries of models that died since the last call dropped first."""
+        with self._lock:
+            while self._dead:
+                key = self._dead.pop()
+                entry = self._resident.get(key)
+                if entry is not None and entry.ref() is None:
+                    del self._resident[key]
+            yield
+
     def _offload(self, key: int) -> None:
         entry = self._resident.pop(key)
-        self._mover(entry.model, self.offload_device)
+        model = entry.ref()
+        if model is not None:
+            self._mover(model, self.offload_device)
 
     @contextmanager
     def use(self, *models: nn.Module) -> Iterator[None]:
         """Load the models and keep them on the device (not offloadable) for the duration of the block."""
-        with self._lock:
+        with self._table():
             self.load_to_device(models)
             for model in models:
                 self._resident[id(model)].pins += 1
         try:
             yield
         finally:
-            with self._lock:
+            with self._table():
                 for model in models:
                     entry = self._resident.get(id(model))
                     if entry is not None:
@@ -150,14 +171,14 @@ class ModelManager:
 
     def offload(self, model: nn.Module) -> None:
         """Move one model back to the offload device (no-op if it is not resident)."""
-        with self._lock:
+        with self._table():
             if id(model) in self._resident:
                 self._offload(id(model))
 
     def free(self, unload: bool = True) -> None:
         """ComfyUI's POST /free: with unload, move every unpinned model off the device; then release the
         allocator's cached blocks."""
-        with self._lock:
+        with self._table():
             if unload:
                 for key in [k for k, entry in self._resident.items() if not entry.pins]:
                     self._offload(key)

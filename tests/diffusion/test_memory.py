@@ -149,3 +149,19 @@ def test_free_cuda_memory_counts_blocks_the_allocator_caches(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5_000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3_000)
     assert memory._free_device_bytes(torch.device("cuda:0")) == 1_000 + (5_000 - 3_000)
+
+
+def test_manager_does_not_keep_a_dropped_model_alive(mover, abc):
+    # The model cache decides lifetimes: a model it drops must leave the device at once, not sit there until
+    # LRU pressure copies it to CPU only to discard it.
+    import gc
+    import weakref
+
+    manager = ModelManager("cuda", budget_bytes=1200, mover=mover)
+    manager.load_to_device(abc)
+    dropped = weakref.ref(abc[1])
+    del abc[1]
+    gc.collect()
+    assert dropped() is None
+    assert manager.resident == abc and manager.resident_bytes == 800
+    assert [move for move in mover.moves if move[1] == "cpu"] == []
