@@ -181,7 +181,10 @@ def output_files(result: ExecutionResult, settings: RunSettings) -> dict[str, li
         for entries in ui.values():
             for entry in entries if isinstance(entries, list) else []:
                 if isinstance(entry, dict) and "filename" in entry:
-                    folder = settings.folder_for(entry.get("type", "output"))
+                    try:
+                        folder = settings.folder_for(entry.get("type", "output"))
+                    except ValueError:  # not one of our folders: the ui data is shown as it is
+                        continue
                     path = folder / entry.get("subfolder", "") / entry["filename"]
                     files.setdefault(node_id, []).append(str(path))
     return files

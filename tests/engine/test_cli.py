@@ -140,6 +140,22 @@ def test_run_target_runs_only_that_output(workflow, out_dir, capsys):
     assert not out_dir.exists()
 
 
+ODD_UI_NODES = """
+from engine import Int, NodeResult, node
+
+@node(output_node=True)
+def Elsewhere(value: Int(0)) -> NodeResult:
+    return NodeResult(ui={"images": [{"filename": "x.png", "subfolder": "", "type": "cloud"}]})
+"""
+
+
+def test_run_shows_ui_entries_of_an_unknown_folder_type_instead_of_crashing(workflow, tmp_path, capsys):
+    (tmp_path / "odd_nodes.py").write_text(ODD_UI_NODES)
+    prompt = workflow(build_prompt(("1", "Elsewhere", {"value": 1})))
+    assert cli.main(["run", prompt, "--no-default-nodes", "--nodes", str(tmp_path / "odd_nodes.py")]) == 0
+    assert capsys.readouterr().out == '1: {"images": [{"filename": "x.png", "subfolder": "", "type": "cloud"}]}\n'
+
+
 def test_nodes_lists_schemas(capsys):
     assert run_cli("nodes", "Constant", "Concat") == 0
     assert capsys.readouterr().out.splitlines() == [
