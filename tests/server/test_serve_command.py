@@ -17,6 +17,7 @@ def test_serve_answers_the_api_and_serves_the_page(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [str(SDGRAPH), "serve", "--port", str(port), "--nodes", str(TOY_NODES),
          "--output-dir", str(tmp_path / "output"), "--input-dir", str(tmp_path / "input"),
+         "--temp-dir", str(tmp_path / "temp"),
          "--models-dir", str(tmp_path / "models")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -33,7 +34,7 @@ def test_serve_answers_the_api_and_serves_the_page(tmp_path: Path) -> None:
         assert '"Constant"' in info
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
             assert page.headers["Content-Type"].startswith("text/html") and b"<title>sdgraph" in page.read()
-        assert (tmp_path / "output").is_dir() and (tmp_path / "input").is_dir()
+        assert all((tmp_path / name).is_dir() for name in ("output", "input", "temp"))
     finally:
         process.terminate()
         process.wait(10)
