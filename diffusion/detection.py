@@ -27,7 +27,9 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 
 SUPPORTED_FAMILIES = ("sd1", "sd2")
-_LATER_FAMILIES = {"sdxl_base": "SDXL base", "sdxl_refiner": "SDXL refiner", "sd3": "SD3 / SD3.5"}
+_LATER_FAMILIES = {
+    "sdxl_base": "SDXL base", "sdxl_refiner": "SDXL refiner", "sd2_unclip": "SD2 unCLIP", "sd3": "SD3 / SD3.5",
+}
 
 # What each family's single file holds, for the "unknown layout" error (model-formats 2.1).
 _FAMILY_EXPECTS = (
@@ -106,6 +108,9 @@ def detect_family(shapes: Shapes) -> FamilyDetection:
         in_channels = unet["input_blocks.0.0.weight"][1]
         variant = {9: "inpaint", 8: "pix2pix"}.get(in_channels, "base")
         if "label_emb.0.0.weight" in unet:
+            if any(name.startswith(SD2_TEXT_PREFIX) for name in shapes):
+                # SD2.x unCLIP: label_emb takes an image embedding, the text encoder is SD2's.
+                return FamilyDetection("sd2_unclip", in_channels, variant)
             base = any(name.startswith("conditioner.embedders.1.") for name in shapes)
             return FamilyDetection("sdxl_base" if base else "sdxl_refiner", in_channels, variant)
         if any(name.startswith(SD2_TEXT_PREFIX) for name in shapes):

@@ -154,6 +154,19 @@ def test_sdxl_refiner_has_only_the_big_open_clip_encoder():
     assert detect_family(refiner).family == "sdxl_refiner"
 
 
+def test_sd2_unclip_with_label_emb_and_open_clip_text_is_not_called_sdxl(tmp_path):
+    # SD2.1 unCLIP feeds an image embedding through label_emb but keeps SD2's cond_stage_model text encoder.
+    keys = {
+        "model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": (128, 64),
+        "cond_stage_model.model.ln_final.weight": (32,),
+    }
+    path = fake_file(tmp_path / "unclip.safetensors", keys)
+    assert detect_family(keys).family == "sd2_unclip"
+    with pytest.raises(CheckpointError, match="detected SD2 unCLIP; not supported yet"):
+        load_checkpoint(path)
+
+
 def test_sd3_is_named_and_refused(tmp_path):
     path = fake_file(tmp_path / "sd3.safetensors", SD3_KEYS)
     assert (detect_family(SD3_KEYS).family, detect_family(SD3_KEYS).in_channels) == ("sd3", 16)
