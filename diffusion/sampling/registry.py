@@ -40,6 +40,9 @@ class SamplerSpec:
     flow_options: Mapping[str, Any] | None = None
     # ComfyUI's "ddim" re-noises the inpainting context with a fresh draw seeded seed + 1 (8.4).
     inpaint_fresh_noise: bool = False
+    # Log-SNR samplers on flow models start at percent_to_sigma(1e-4) instead of sigma 1, where log-SNR is
+    # infinite (ComfyUI's offset_first_sigma_for_snr); their noise source still spans the original sigmas.
+    flow_snr_offset: bool = False
 
 
 def _sigma_range(sigmas: Tensor) -> tuple[float, float, int]:
@@ -58,7 +61,11 @@ def _dpm_adaptive(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: St
     return sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, callback=callback)
 
 
+# ComfyUI's offset_first_sigma_for_snr: the percent whose sigma replaces a flow schedule's leading 1.
+FLOW_SNR_OFFSET_PERCENT = 1e-4
+
 _VE_ONLY = {"supports_flow": False}
+_FLOW_LOG_SNR: dict[str, Any] = {"flow_options": {"flow": True}, "flow_snr_offset": True}
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(single.sample_euler),
@@ -84,16 +91,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_sde_gpu": SamplerSpec(sde.sample_dpmpp_sde, "brownian_device", **_VE_ONLY),
     "dpmpp_2m": SamplerSpec(multi.sample_dpmpp_2m),
     "dpmpp_2m_cfg_pp": SamplerSpec(multi.sample_dpmpp_2m, options={"cfg_pp": True}),
-    "dpmpp_2m_sde": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", flow_options={"flow": True}),
-    "dpmpp_2m_sde_gpu": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian_device", flow_options={"flow": True}),
-    "dpmpp_2m_sde_heun": SamplerSpec(
-        sde.sample_dpmpp_2m_sde, "brownian", {"solver_type": "heun"}, flow_options={"flow": True}
-    ),
+    "dpmpp_2m_sde": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", **_FLOW_LOG_SNR),
+    "dpmpp_2m_sde_gpu": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian_device", **_FLOW_LOG_SNR),
+    "dpmpp_2m_sde_heun": SamplerSpec(sde.sample_dpmpp_2m_sde, "brownian", {"solver_type": "heun"}, **_FLOW_LOG_SNR),
     "dpmpp_2m_sde_heun_gpu": SamplerSpec(
-        sde.sample_dpmpp_2m_sde, "brownian_device", {"solver_type": "heun"}, flow_options={"flow": True}
+        sde.sample_dpmpp_2m_sde, "brownian_device", {"solver_type": "heun"}, **_FLOW_LOG_SNR
     ),
-    "dpmpp_3m_sde": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian", flow_options={"flow": True}),
-    "dpmpp_3m_sde_gpu": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian_device", flow_options={"flow": True}),
+    "dpmpp_3m_sde": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian", **_FLOW_LOG_SNR),
+    "dpmpp_3m_sde_gpu": SamplerSpec(sde.sample_dpmpp_3m_sde, "brownian_device", **_FLOW_LOG_SNR),
     "ddpm": SamplerSpec(single.sample_ddpm, "gaussian", **_VE_ONLY),
     "lcm": SamplerSpec(single.sample_lcm, "gaussian", needs_model_sampling=True),
     "ipndm": SamplerSpec(multi.sample_ipndm),
@@ -169,6 +174,9 @@ def run_sampler(
     noise = make_noise_sampler(spec.noise, x, sigmas, seed, batch_index)
     if noise is not None:
         kwargs["noise"] = noise
+    if is_flow and spec.flow_snr_offset and float(sigmas[0]) >= 1.0:
+        sigmas = sigmas.clone()
+        sigmas[0] = model_sampling.percent_to_sigma(FLOW_SNR_OFFSET_PERCENT)
     if spec.needs_model_sampling:
         if model_sampling is None:
             raise ValueError(f"sampler {name!r} needs the model's sampling parameters")

@@ -86,3 +86,20 @@ def test_flow_sampling_starts_by_interpolating_noise_and_latent():
     # Sampling stopped at sigma 0.5: the result is the Euler step divided by (1 - 0.5).
     step = seen[0] + data.velocity(seen[0], 0.75) * (0.5 - 0.75)
     torch.testing.assert_close(result.samples, step / 0.5)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
+def test_flow_sde_samplers_start_at_the_sigma_of_percent_1e_4(name):
+    # log-SNR is infinite at sigma 1; ComfyUI moves the first sigma to percent_to_sigma(1e-4)
+    # (0.99996667 at shift 3), while the Brownian tree still spans up to 1.
+    data = FlowGaussianData()
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append(sigma)
+        return data.denoise(x, sigma)
+
+    run_sampler(name, denoiser, _noise(), calculate_sigmas(FLOW, "normal", 4), seed=2, model_sampling=FLOW)
+    # The schedule is float32, as ComfyUI's is.
+    assert seen[0] == pytest.approx(FLOW.percent_to_sigma(1e-4), rel=1e-7)
+    assert seen[0] == pytest.approx(2.9997 / 2.9998, rel=1e-7)
