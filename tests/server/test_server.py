@@ -313,7 +313,7 @@ def test_prompt_invalid_when_its_turn_comes_fails_and_still_finishes_for_the_cli
     toy = live_server.settings.models_dir / "toys" / "mine.toy"
     toy.parent.mkdir(parents=True)
     toy.write_text("toy")
-    slow = {"1": {"class_type": "Wait", "inputs": {"value": 1, "ticks": 5}},
+    slow = {"1": {"class_type": "Wait", "inputs": {"value": 1, "ticks": 500}},
             "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
     loader = {"1": {"class_type": "PickToyFile", "inputs": {"name": "mine.toy"}},
               "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}}}
@@ -325,13 +325,15 @@ def test_prompt_invalid_when_its_turn_comes_fails_and_still_finishes_for_the_cli
                 async with session.post(f"{live_server.url}/prompt",
                                         json={"prompt": loader, "client_id": "late"}) as answer:
                     queued = await answer.json()
-                toy.unlink()  # the file goes away while the prompt waits in the queue
+                toy.unlink()  # the file goes away while the prompt waits behind the slow one
                 messages = []
                 while True:
                     message = await socket.receive(10)
                     if message.type == aiohttp.WSMsgType.TEXT:
                         messages.append(json.loads(message.data))
                         data = messages[-1]["data"]
+                        if messages[-1]["type"] == "progress" and data["value"] == 1:
+                            await session.post(f"{live_server.url}/interrupt")  # surely running: stop it
                         if messages[-1]["type"] == "executing" and data == {"node": None, "display_node": None,
                                                                             "prompt_id": queued["prompt_id"]}:
                             return queued, messages
