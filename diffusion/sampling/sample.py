@@ -132,7 +132,8 @@ def sample_custom(
     spec = get_sampler(sampler_name)
     noise = initial_noise(latent.shape, seed, batch_index) if add_noise else torch.zeros(latent.shape)
     noise = to_device(noise, latent)
-    x_latent = model.latent_format.process_in(latent)
+    # ComfyUI leaves an all-zero (EmptyLatentImage) latent unshifted (model-formats.md 5); one check per run.
+    x_latent = model.latent_format.process_in(latent) if bool(latent.any()) else latent
     batcher = CondBatcher(
         model.apply_model,
         ms,

@@ -179,6 +179,18 @@ def test_latent_format_scales_in_and_out_around_the_model(sd_sampling):
     torch.testing.assert_close(result.denoised, expected)
 
 
+def test_an_all_zero_latent_enters_sampling_unshifted(sd_sampling):
+    # ComfyUI skips process_latent_in for an empty latent, so SD3's shift does not turn 0 into -0.0609 * 1.5305.
+    model, _ = _model(sd_sampling, latent_format=LatentFormat(scale_factor=1.5305, shift_factor=0.0609))
+    latent = torch.zeros(SHAPE)
+    seen = []
+    sample_custom(
+        model, _cond(), _cond(), latent, torch.tensor([2.0, 1.0]), "euler", seed=6, cfg=1.0,
+        callback=lambda step, total, x, denoised: seen.append(x),
+    )
+    torch.testing.assert_close(seen[0], initial_noise(SHAPE, 6) * 2.0)
+
+
 def test_no_negative_prompt_at_cfg_one_samples_the_positive_alone(sd_sampling):
     model, network = _model(sd_sampling, gain=0.2)
     latent = torch.zeros(SHAPE)
