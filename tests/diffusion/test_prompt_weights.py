@@ -155,3 +155,22 @@ def test_without_a_lookup_embedding_references_are_plain_text(tokenizer):
 def test_embedding_reference_inside_a_word_is_text(tokenizer):
     groups = tokenize_weighted_prompt("xembedding:style", tokenizer, embeddings=_lookup({"style": torch.ones(4)}))
     assert groups == [[(t, 1.0) for t in tokenizer.encode("xembedding:style")]]
+
+
+def test_embedding_that_does_not_fit_the_chunk_moves_whole_to_the_next(tokenizer):
+    vectors = torch.randn(3, 4)
+    out = tokenize_prompt("a " * 74 + "embedding:style", tokenizer, bos=BOS, eos=EOS, pad=0,
+                          embeddings=_lookup({"style": vectors}))
+    first, second = out
+    assert [t for t, _ in first] == [BOS] + [A] * 74 + [EOS, 0]
+    assert all(torch.equal(second[1 + i][0], vectors[i]) for i in range(3))
+    assert [t for t, _ in second[4:6]] == [EOS, 0]
+
+
+def test_embedding_of_eight_vectors_is_split_at_the_chunk_boundary(tokenizer):
+    vectors = torch.randn(8, 4)
+    out = tokenize_prompt("a " * 73 + "embedding:style", tokenizer, bos=BOS, eos=EOS, pad=0,
+                          embeddings=_lookup({"style": vectors}))
+    first, second = out
+    assert all(torch.equal(first[74 + i][0], vectors[i]) for i in range(2)) and first[76] == (EOS, 1.0)
+    assert all(torch.equal(second[1 + i][0], vectors[2 + i]) for i in range(6)) and second[7] == (EOS, 1.0)
