@@ -219,7 +219,7 @@ class Server:
 
     async def get_history(self, request: web.Request) -> web.Response:
         max_items = int_query(request, "max_items")
-        offset = int_query(request, "offset")
+        offset = int_query(request, "offset", negative_is_none=True)  # ComfyUI's default -1: the newest entries
         return web.json_response(self.queue.history(max_items, offset))
 
     async def get_history_entry(self, request: web.Request) -> web.Response:
@@ -388,14 +388,15 @@ def list_field(body: dict[str, Any], name: str) -> list[Any]:
     return value
 
 
-def int_query(request: web.Request, name: str) -> int | None:
+def int_query(request: web.Request, name: str, negative_is_none: bool = False) -> int | None:
     value = request.query.get(name)
     if value is None:
         return None
     try:
-        return max(0, int(value))
+        number = int(value)
     except ValueError:
         raise web.HTTPBadRequest(text=f"query parameter {name} must be an integer, got {value!r}")
+    return None if negative_is_none and number < 0 else max(0, number)
 
 
 def free_name(target: Path, content: bytes, overwrite: bool) -> Path:

@@ -385,3 +385,11 @@ def test_view_serves_only_media_inline_and_everything_else_as_a_download(live_se
     assert run(headers("drawing.svg")) == ("application/octet-stream", 'attachment; filename="drawing.svg"',
                                            "nosniff")
     assert run(headers("photo.png")) == ("image/png", 'inline; filename="photo.png"', "nosniff")
+
+
+def test_history_offset_minus_one_means_the_newest_entries_as_in_comfyui(live_server: LiveServer) -> None:
+    first, _, _ = run(queue_and_collect(live_server, toy_prompt(1)))
+    second, _, _ = run(queue_and_collect(live_server, toy_prompt(2)))
+    run(wait_for_history(live_server, second["prompt_id"]))
+    assert list(run(get_json(live_server, "/history?max_items=1&offset=-1"))[1]) == [second["prompt_id"]]
+    assert list(run(get_json(live_server, "/history?max_items=1&offset=0"))[1]) == [first["prompt_id"]]
