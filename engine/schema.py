@@ -257,8 +257,18 @@ def import_node_module(reference: str) -> ModuleType:
     """Import a node module named by dotted name (`nodes`, `my_pack.nodes`) or by path (a `.py` file or
     a package directory): the custom-node mechanism of the CLI and server."""
     path = Path(reference)
-    if not (reference.endswith(".py") or path.is_dir()):
-        return importlib.import_module(reference)
+    if not reference.endswith(".py"):
+        if all(part.isidentifier() for part in reference.split(".")):
+            # A dotted name is imported first, even with a folder of that name in the working directory
+            # (`nodes` from the checkout): loaded by path it would become a second copy of the package.
+            try:
+                return importlib.import_module(reference)
+            except ModuleNotFoundError as missing:
+                named_itself = reference == missing.name or reference.startswith(f"{missing.name}.")
+                if not (named_itself and path.is_dir()):
+                    raise  # a missing dependency inside the module, or nothing of that name at all
+        elif not path.is_dir():
+            raise ImportError(f"node module {reference!r} is neither a module name, a .py file nor a folder")
     target = path / "__init__.py" if path.is_dir() else path
     if not target.is_file():
         raise ImportError(f"node module {reference!r}: {target} does not exist")

@@ -3,6 +3,7 @@
 No `from __future__ import annotations` here: some specs below use local variables (see engine/schema.py).
 """
 
+import sys
 import types
 
 import pytest
@@ -186,6 +187,33 @@ def test_import_node_module_by_file_path(tmp_path):
     module = import_node_module(str(source))
     assert isinstance(module, types.ModuleType)
     assert Registry().load_module(module)[0](value=4) == (-4,)
+
+
+def test_importable_name_is_imported_even_when_a_folder_of_that_name_is_in_the_cwd(tmp_path, monkeypatch):
+    # `sdgraph` run from the checkout sees the `nodes/` folder; the package must still load as `nodes`.
+    (tmp_path / "named_pack").mkdir()
+    (tmp_path / "named_pack" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "named_pack", raising=False)
+    assert import_node_module("named_pack").__name__ == "named_pack"
+
+
+def test_folder_that_is_not_importable_loads_by_path(tmp_path, monkeypatch):
+    (tmp_path / "loose_pack").mkdir()
+    (tmp_path / "loose_pack" / "__init__.py").write_text("VALUE = 5\n")
+    monkeypatch.chdir(tmp_path)
+    module = import_node_module("loose_pack")
+    assert module.VALUE == 5 and module.__name__.startswith("sdgraph_custom_loose_pack_")
+
+
+def test_missing_dependency_of_an_importable_module_is_not_hidden(tmp_path, monkeypatch):
+    (tmp_path / "needy_pack").mkdir()
+    (tmp_path / "needy_pack" / "__init__.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        import_node_module("needy_pack")
 
 
 def test_import_node_module_names_a_missing_file(tmp_path):
