@@ -45,19 +45,23 @@ class SamplerSpec:
     flow_snr_offset: bool = False
 
 
-def _sigma_range(sigmas: Tensor) -> tuple[float, float, int]:
+def _sigma_range(sigmas: Tensor, name: str) -> tuple[float, float, int]:
     """dpm_fast / dpm_adaptive see only sigma_max, the last nonzero sigma and the step count (ComfyUI)."""
     s = sigmas.tolist()
-    return (s[-1] if s[-1] > 0.0 else s[-2]), s[0], len(s) - 1
+    sigma_min = s[-1] if s[-1] > 0.0 else s[-2]
+    if not sigma_min < s[0]:
+        # ComfyUI silently returns the noise here: a one-step schedule [sigma, 0] leaves nothing to integrate.
+        raise ValueError(f"{name} needs at least 2 steps (a sigma range to integrate over), got sigmas {s}")
+    return sigma_min, s[0], len(s) - 1
 
 
 def _dpm_fast(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
-    sigma_min, sigma_max, steps = _sigma_range(sigmas)
+    sigma_min, sigma_max, steps = _sigma_range(sigmas, "dpm_fast")
     return sample_dpm_fast(denoiser, x, sigma_min, sigma_max, steps, callback=callback)
 
 
 def _dpm_adaptive(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
-    sigma_min, sigma_max, _ = _sigma_range(sigmas)
+    sigma_min, sigma_max, _ = _sigma_range(sigmas, "dpm_adaptive")
     return sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, callback=callback)
 
 

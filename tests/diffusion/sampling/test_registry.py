@@ -77,3 +77,11 @@ def test_a_single_sigma_leaves_the_sample_untouched_without_model_calls(sd_sampl
     for sigmas in (torch.tensor([3.0]), torch.tensor([0.0])):
         assert run_sampler(name, denoiser, x, sigmas, seed=1, model_sampling=sd_sampling) is x
     assert calls == []
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_dpm_solver_samplers_name_their_two_step_minimum(sd_sampling, name):
+    # They integrate from sigmas[0] to the last nonzero sigma: one step [sigma_max, 0] is an empty range.
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=f"{name} needs at least 2 steps"):
+        run_sampler(name, GaussianData(), x, torch.tensor([14.6, 0.0]), seed=1, model_sampling=sd_sampling)
