@@ -236,12 +236,14 @@ class AutoencoderKL(nn.Module):
         except _OUT_OF_MEMORY:
             if not tiled_fallback:
                 raise
-        for tile in (64, 32):
+        # A tile as large as the latent would repeat the full decode that just failed.
+        tiles = [tile for tile in (64, 32) if tile < max(latent.shape[-2:])] + [16]
+        for tile in tiles[:-1]:
             try:
                 return self._decode_tiled_after_oom(latent, tile)
             except _OUT_OF_MEMORY:
                 pass
-        return self._decode_tiled_after_oom(latent, 16)
+        return self._decode_tiled_after_oom(latent, tiles[-1])
 
     def _decode_tiled_after_oom(self, latent: torch.Tensor, tile: int) -> torch.Tensor:
         log.warning("VAE decode ran out of memory; retrying tiled with %d-latent tiles", tile)
