@@ -159,6 +159,9 @@ def load_prompt_file(path: str | Path) -> dict[str, Any]:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Bounds what one compressed text chunk may inflate to (a small chunk can hold gigabytes); prompts and UI
+#: workflows are far smaller. Pillow bounds its text chunks for the same reason.
+MAX_TEXT_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def png_text_chunks(data: bytes) -> dict[str, str]:
@@ -189,14 +192,23 @@ def png_text_chunks(data: bytes) -> dict[str, str]:
 def _text_chunk(kind: bytes, body: bytes) -> tuple[str, str]:
     key, _, rest = body.partition(b"\x00")
     if kind == b"zTXt":
-        rest = zlib.decompress(rest[1:])  # one byte of compression method, then zlib data
+        rest = _inflate(kind, key, rest[1:])  # one byte of compression method, then zlib data
     elif kind == b"iTXt":
         compressed, rest = rest[0], rest[2:]  # compression flag and method
         _language, _, rest = rest.partition(b"\x00")
         _translated, _, rest = rest.partition(b"\x00")
-        rest = zlib.decompress(rest) if compressed else rest
+        rest = _inflate(kind, key, rest) if compressed else rest
     try:
         value = rest.decode("utf-8")
     except UnicodeDecodeError:
         value = rest.decode("latin-1")
     return key.decode("latin-1"), value
+
+
+def _inflate(kind: bytes, key: bytes, data: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    inflated = inflater.decompress(data, MAX_TEXT_CHUNK_BYTES)
+    if inflater.unconsumed_tail and inflater.decompress(inflater.unconsumed_tail, 1):
+        raise ValueError(f"{kind.decode()} chunk {key.decode('latin-1')!r} inflates to more than "
+                         f"{MAX_TEXT_CHUNK_BYTES} bytes")
+    return inflated

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+import engine.workflow
 from engine.workflow import BadLink, Link, PromptFormatError, load_prompt_file, parse_prompt, png_text_chunks
 
 
@@ -65,3 +68,17 @@ def test_png_text_chunks_reads_text_ztxt_and_itxt(tmp_path):
     Image.new("L", (2, 2)).save(tmp_path / "x.png", pnginfo=info)
     assert png_text_chunks((tmp_path / "x.png").read_bytes()) == {
         "prompt": '{"1": {}}', "workflow": '{"a": 1}', "title": "ünïcode ✓", "packed": "ünïcode ✓" * 10}
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_compressed_text_chunk_that_inflates_past_the_limit_is_refused(monkeypatch):
+    # A shared PNG must not be able to exhaust memory with a small zTXt chunk that inflates enormously.
+    monkeypatch.setattr(engine.workflow, "MAX_TEXT_CHUNK_BYTES", 1000)
+    bomb = png_chunk(b"zTXt", b"prompt\x00\x00" + zlib.compress(b"x" * 1001))
+    fits = png_chunk(b"zTXt", b"prompt\x00\x00" + zlib.compress(b"x" * 1000))
+    with pytest.raises(ValueError, match="zTXt chunk 'prompt' inflates to more than 1000 bytes"):
+        png_text_chunks(engine.workflow.PNG_SIGNATURE + bomb)
+    assert png_text_chunks(engine.workflow.PNG_SIGNATURE + fits) == {"prompt": "x" * 1000}
