@@ -12,6 +12,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     LCMScheduler,
     LMSDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from gaussian_oracle import GaussianData
@@ -165,4 +166,24 @@ def test_lcm_matches_lcm_scheduler_with_the_same_noise(sd_sampling, gaussian):
         sigma = float(sigmas[i])
         eps = gaussian.eps(sample * math.sqrt(1.0 + sigma**2), sigma)
         sample = scheduler.step(eps, t, sample, generator=generator).prev_sample
+    torch.testing.assert_close(ours, sample, **TOLERANCE)
+
+
+def test_plms_matches_pndm_without_runge_kutta_steps(sd_sampling, gaussian):
+    # SD1's folder default: PNDM with skip_prk_steps, which repeats its second timestep (the first step
+    # evaluates twice, Heun-like); the table sigmas of its distinct timesteps, then 0 (set_alpha_to_one).
+    scheduler = PNDMScheduler(**SD, skip_prk_steps=True, set_alpha_to_one=True, steps_offset=1)
+    scheduler.alphas_cumprod = _table_alphas_cumprod(sd_sampling).float()
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps[:3] == [901, 801, 801]
+    distinct = [t for i, t in enumerate(timesteps) if i == 0 or t != timesteps[i - 1]]
+    sigmas = torch.tensor([float(sd_sampling.sigmas[t]) for t in distinct] + [0.0])
+    x = _latent(float(sigmas[0]))
+    ours = run_sampler("plms", gaussian, x.clone(), sigmas, seed=0)
+    sample = x / math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    for t in timesteps:
+        sigma = float(sd_sampling.sigmas[t])
+        eps = gaussian.eps(sample * math.sqrt(1.0 + sigma**2), sigma)
+        sample = scheduler.step(eps, t, sample).prev_sample
     torch.testing.assert_close(ours, sample, **TOLERANCE)
