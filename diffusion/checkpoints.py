@@ -143,12 +143,13 @@ def assign_weights(
     for key, target in targets.items():
         tensor = source.get(names[key])
         if tuple(tensor.shape) != tuple(target.shape):
-            if tensor.numel() != target.numel():
+            try:
+                tensor = fit_tensor_shape(tensor, tuple(target.shape), key=names[key])
+            except ValueError:
                 raise CheckpointError(
                     f"{source.description}: {what} key {names[key]!r} has shape {list(tensor.shape)}, "
                     f"the model expects {list(target.shape)}"
-                )
-            tensor = fit_tensor_shape(tensor, tuple(target.shape), key=names[key])
+                ) from None
         _assign(module, key, _convert(tensor, dtype, device))
         del tensor
     leftover = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -395,6 +396,18 @@ def test_missing_unet_key_is_named_with_module_and_file(tmp_path, tiny_sd1_check
                    lambda t: t.pop("model.diffusion_model.output_blocks.4.1.proj_out.bias"))
     with pytest.raises(CheckpointError, match=r"holed\.safetensors: UNet is missing 1 of \d+ keys, e\.g\. "
                                               r"'model\.diffusion_model\.output_blocks\.4\.1\.proj_out\.bias'"):
+        load_tiny(path)
+
+
+def test_transposed_unet_weight_is_a_checkpoint_error_naming_file_key_and_shapes(tmp_path, tiny_sd1_checkpoint):
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"  # [64, 32]
+
+    def transpose(tensors):
+        tensors[key] = tensors[key].t().contiguous()
+
+    path = rewrite(tiny_sd1_checkpoint, tmp_path / "odd.safetensors", transpose)
+    with pytest.raises(CheckpointError, match=rf"odd\.safetensors: UNet key '{re.escape(key)}' has shape \[32, 64\], "
+                                              r"the model expects \[64, 32\]"):
         load_tiny(path)
 
 
