@@ -201,7 +201,8 @@ class LCMModelSampling(DiscreteModelSampling):
         return self.sigma((1.0 - percent) * 999.0)
 
     def calculate_denoised(self, sigma: float, model_output: Tensor, model_input: Tensor) -> Tensor:
-        denoised = super().calculate_denoised(sigma, model_output, model_input)
+        # Always eps, as ComfyUI's LCM class is: "lcm" replaces the config's prediction type.
+        denoised = model_input - model_output * sigma
         t = self.timestep(sigma) * self.timestep_scaling
         c_skip = self.sigma_data**2 / (t * t + self.sigma_data**2)
         c_out = t / math.sqrt(t * t + self.sigma_data**2)

@@ -92,6 +92,16 @@ def test_lcm_table_keeps_every_twentieth_timestep_and_applies_the_boundary_condi
     assert ms.calculate_denoised(sigma, eps, x).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_lcm_sampling_reads_the_output_as_eps_whatever_the_base_prediction(sd_sampling):
+    # ComfyUI's ModelSamplingDiscrete "lcm" replaces the prediction type: its LCM class is an eps one.
+    v_based = LCMModelSampling(DiscreteConfig(prediction="v_prediction"))
+    x, output = torch.tensor([1.0]), torch.tensor([0.2])
+    sigma = float(sd_sampling.sigmas[259])
+    assert v_based.calculate_denoised(sigma, output, x).item() == LCMModelSampling().calculate_denoised(
+        sigma, output, x
+    ).item()
+
+
 def test_flow_table_and_scaling_follow_sd3():
     ms = FlowModelSampling()
     assert ms.sigma_min == pytest.approx(0.002994, rel=1e-3)
