@@ -38,3 +38,4 @@ def test_serve_answers_the_api_and_serves_the_page(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(10)
+        process.stdout.close()
