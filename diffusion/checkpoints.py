@@ -278,7 +278,7 @@ def _single_file_configs(
         unet_config = detection.unet_config_from_shapes(strip_prefix(shapes, UNET_PREFIX), found.family, overrides)
         vae_shapes = strip_prefix(shapes, VAE_PREFIX)
         vae_config = detection.vae_config_from_shapes(vae_shapes, num_groups=overrides.num_groups or 32)
-    except CheckpointError as error:
+    except ValueError as error:  # CheckpointError, or a config refusing the widths found (GroupNorm groups)
         raise CheckpointError(f"{where}: {error}") from None
     try:
         for width, depth in zip(unet_config.level_widths, unet_config.transformer_depth):
@@ -386,7 +386,10 @@ def load_vae(
         if "encoder.conv_in.weight" not in vae_shapes or "decoder.conv_in.weight" not in vae_shapes:
             layout = detection.unknown_layout_message(shapes)
             raise CheckpointError(f"{source.description}: not a VAE file (no encoder/decoder conv_in). {layout}")
-        config = detection.vae_config_from_shapes(vae_shapes, num_groups=num_groups)
+        try:
+            config = detection.vae_config_from_shapes(vae_shapes, num_groups=num_groups)
+        except ValueError as error:
+            raise CheckpointError(f"{source.description}: {error}") from None
         vae = AutoencoderKL(config, device="meta")
         if "decoder.up_blocks.0.resnets.0.norm1.weight" in vae_shapes:
             key_map = vae_diffusers_key_map(config)

@@ -411,6 +411,22 @@ def test_transposed_unet_weight_is_a_checkpoint_error_naming_file_key_and_shapes
         load_tiny(path)
 
 
+def test_widths_that_break_group_norm_are_a_checkpoint_error_naming_the_file(tmp_path, tiny_sd1_checkpoint):
+    from diffusion.tiny_models import random_weights
+    from diffusion.vae import AutoencoderKL, VAEConfig
+
+    narrow = random_weights(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 1, 1), num_groups=16), device="meta"), 0)
+
+    def swap_vae(tensors):
+        for key in [k for k in tensors if k.startswith("first_stage_model.")]:
+            del tensors[key]
+        tensors.update({f"first_stage_model.{k}": v for k, v in narrow.items()})
+
+    path = rewrite(tiny_sd1_checkpoint, tmp_path / "narrow.safetensors", swap_vae)
+    with pytest.raises(CheckpointError, match=r"narrow\.safetensors: VAE width 16 is not divisible by num_groups=32"):
+        load_tiny(path)
+
+
 def test_missing_text_encoder_key_is_named(tmp_path, tiny_sd1_checkpoint):
     key = "cond_stage_model.transformer.text_model.encoder.layers.2.mlp.fc2.weight"
     path = rewrite(tiny_sd1_checkpoint, tmp_path / "holed.safetensors", lambda t: t.pop(key))
@@ -459,6 +475,12 @@ def test_standalone_vae_in_either_naming_equals_the_checkpoint_vae(naming, tmp_p
 def test_vae_folder_and_checkpoint_first_stage_load_the_same(tiny_sd1_folder, tiny_sd1_checkpoint):
     from_folder, from_checkpoint = load_vae(tiny_sd1_folder / "vae"), load_vae(tiny_sd1_checkpoint)
     assert differing_keys(from_folder.state_dict(), from_checkpoint.state_dict()) == []
+
+
+def test_standalone_vae_missing_a_layout_key_names_the_file(tmp_path, tiny_vae_file):
+    path = rewrite(tiny_vae_file, tmp_path / "holed_vae.safetensors", lambda t: t.pop("decoder.conv_out.weight"))
+    with pytest.raises(CheckpointError, match=r"holed_vae\.safetensors: expected key 'decoder\.conv_out\.weight'"):
+        load_vae(path)
 
 
 def test_vae_loader_refuses_a_file_without_a_vae(tmp_path):
