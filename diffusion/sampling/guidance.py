@@ -163,6 +163,12 @@ def _prepare(cond: Condition, latent_shape: Sequence[int], ms: ModelSampling, en
     )
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: half-precision sums of weighted predictions lose whole ulps, and fp16's smallest
+    normal (6e-5) is no longer a negligible floor next to feathered weights of 1/64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def repeat_to_batch(tensor: Tensor, batch: int) -> Tensor:
     """Tile or cut the leading axis to `batch` (a batch-1 prompt serves every latent in the batch)."""
     if tensor.shape[0] == batch:
@@ -224,10 +230,11 @@ class CondBatcher:
         if moved is None:
             batch = like.shape[0]
 
-            def move(tensor: Tensor | None) -> Tensor | None:
-                return None if tensor is None else repeat_to_batch(tensor, batch).to(like.device, like.dtype)
+            def move(tensor: Tensor | None, dtype: torch.dtype = like.dtype) -> Tensor | None:
+                return None if tensor is None else repeat_to_batch(tensor, batch).to(like.device, dtype)
 
-            moved = replace(cond, cross_attn=move(cond.cross_attn), y=move(cond.y), weight=move(cond.weight))
+            weight = move(cond.weight, _accumulation_dtype(like.dtype))
+            moved = replace(cond, cross_attn=move(cond.cross_attn), y=move(cond.y), weight=weight)
             self._moved[key] = moved
         return moved
 
@@ -273,15 +280,16 @@ class CondBatcher:
                     results[chunk.slot] = denoised
                     continue
                 if chunk.slot not in totals:
-                    totals[chunk.slot] = torch.zeros_like(x)
+                    dtype = chunk.weight.dtype
+                    totals[chunk.slot] = torch.zeros_like(x, dtype=dtype)
                     # A tiny floor instead of 0 makes uncovered pixels come out 0, not NaN (ComfyUI: 1e-37).
-                    counts[chunk.slot] = torch.full_like(x, torch.finfo(x.dtype).tiny)
+                    counts[chunk.slot] = torch.full_like(x, torch.finfo(dtype).tiny, dtype=dtype)
                 h, w, y, x0 = chunk.area
-                totals[chunk.slot][:, :, y : y + h, x0 : x0 + w] += denoised * chunk.weight
+                totals[chunk.slot][:, :, y : y + h, x0 : x0 + w] += denoised.to(chunk.weight.dtype) * chunk.weight
                 counts[chunk.slot][:, :, y : y + h, x0 : x0 + w] += chunk.weight
         for slot in slots:
             if slot not in results:
-                results[slot] = totals[slot] / counts[slot] if slot in totals else torch.zeros_like(x)
+                results[slot] = (totals[slot] / counts[slot]).to(x.dtype) if slot in totals else torch.zeros_like(x)
         return [results[slot] for slot in slots]
 
 

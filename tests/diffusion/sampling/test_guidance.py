@@ -221,3 +221,18 @@ def test_a_prompt_switched_off_by_its_timestep_range_leaves_its_list_at_zero(sd_
     cond, uncond = CondBatcher(network, sd_sampling, conds, SHAPE)(x, sigma, [0, 1])
     assert torch.equal(cond, torch.zeros_like(x))
     torch.testing.assert_close(uncond, GaussianData().denoise(x, sigma), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weighted_average_is_accumulated_in_float32_for_half_precision_latents(sd_sampling, dtype):
+    # A lone area's feathered weights cancel exactly, even where they are small (1/64 in its corners):
+    # the result inside the area is the area's own prediction, bit for bit.
+    shape = (1, 4, 48, 48)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2).to(dtype)
+    sigma = float(sd_sampling.sigmas[500])
+    area, _ = _guider(sd_sampling, [_prompt(1.0, area=(32, 32, 8, 8))], [_prompt(0.0)], cfg=1.0, shape=shape)
+    region = x[:, :, 8:40, 8:40]
+    alone, _ = _guider(sd_sampling, [_prompt(1.0)], [_prompt(0.0)], cfg=1.0, shape=region.shape)
+    out = area(x, sigma)
+    assert out.dtype == dtype
+    assert torch.equal(out[:, :, 8:40, 8:40], alone(region, sigma))
