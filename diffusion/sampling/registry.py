@@ -19,6 +19,7 @@ from .dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from .model_sampling import ModelSampling
 from .noise import GaussianNoiseSampler
 from .sa_solver import sample_sa_solver
+from .uni_pc import FINAL_SIGMA as UNI_PC_FINAL_SIGMA
 from .uni_pc import sample_uni_pc
 
 NoiseKind = Literal["none", "gaussian", "brownian", "brownian_device"]
@@ -43,6 +44,9 @@ class SamplerSpec:
     # Log-SNR samplers on flow models start at percent_to_sigma(1e-4) instead of sigma 1, where log-SNR is
     # infinite (ComfyUI's offset_first_sigma_for_snr); their noise source still spans the original sigmas.
     flow_snr_offset: bool = False
+    # Where the sampler stops when the schedule ends at 0, if not at 0 (uni_pc): the end's noise scaling is
+    # undone there.
+    final_sigma: float | None = None
 
 
 def _sigma_range(sigmas: Tensor, name: str) -> tuple[float, float, int]:
@@ -126,8 +130,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
         sample_sa_solver, "gaussian", {"pece": True}, needs_model_sampling=True, **_VE_ONLY
     ),
     "ddim": SamplerSpec(single.sample_euler, inpaint_fresh_noise=True),
-    "uni_pc": SamplerSpec(sample_uni_pc, discard_penultimate_sigma=True),
-    "uni_pc_bh2": SamplerSpec(sample_uni_pc, options={"variant": "bh2"}, discard_penultimate_sigma=True),
+    "uni_pc": SamplerSpec(sample_uni_pc, discard_penultimate_sigma=True, final_sigma=UNI_PC_FINAL_SIGMA),
+    "uni_pc_bh2": SamplerSpec(
+        sample_uni_pc, options={"variant": "bh2"}, discard_penultimate_sigma=True, final_sigma=UNI_PC_FINAL_SIGMA
+    ),
     "plms": SamplerSpec(multi.sample_plms),
 }
 

@@ -150,6 +150,8 @@ def sample_custom(
             inpaint_noise = to_device(fresh, latent)
         denoiser = InpaintDenoiser(denoiser, x_latent, inpaint_noise, prepare_noise_mask(noise_mask, latent), ms)
     first, last = float(sigmas[0]), float(sigmas[-1])
+    if last == 0.0 and spec.final_sigma is not None:
+        last = spec.final_sigma
     x = ms.noise_scaling(first, noise, x_latent, ms.is_max_denoise(first))
     last_denoised = [x_latent]
 

@@ -103,3 +103,18 @@ def test_flow_sde_samplers_start_at_the_sigma_of_percent_1e_4(name):
     # The schedule is float32, as ComfyUI's is.
     assert seen[0] == pytest.approx(FLOW.percent_to_sigma(1e-4), rel=1e-7)
     assert seen[0] == pytest.approx(2.9997 / 2.9998, rel=1e-7)
+
+
+def test_uni_pc_result_is_unscaled_at_the_sigma_it_stops_at():
+    # uni_pc ends at sigma 0.001, not 0; like ComfyUI, the flow result is divided by (1 - 0.001) there.
+    data = FlowGaussianData()
+
+    def network(x_in, timestep, context, y=None):
+        return data.velocity(x_in, float(timestep[0]) / 1000.0)
+
+    sigmas = calculate_sigmas(FLOW, "normal", 6)
+    cond = [[torch.zeros(1, 4, 8), {}]]
+    result = sample_custom(SamplingModel(network, FLOW), cond, cond, torch.zeros(1, 4, 8, 8), sigmas, "uni_pc",
+                           seed=4, cfg=1.0)
+    raw = run_sampler("uni_pc", data, _noise(seed=4), sigmas, seed=4, model_sampling=FLOW)
+    torch.testing.assert_close(result.samples, raw / (1.0 - 0.001))
