@@ -35,7 +35,6 @@ from diffusion.tiny_models import (
     tiny_overrides,
     tiny_unet_config,
     write_tiny_checkpoint,
-    write_tiny_diffusers_folder,
     write_tiny_vae,
 )
 from diffusion.unet import SD1_UNET, SD2_UNET, TINY_SD1_UNET, TINY_SD2_UNET, UNetModel
@@ -255,20 +254,22 @@ def test_sd1_without_markers_defaults_to_eps(tiny_sd1_checkpoint):
 
 
 def test_diffusers_folder_prediction_comes_from_scheduler_config(tmp_path):
+    from diffusion.tiny_models import write_tiny_diffusers_folder
+
     folder = write_tiny_diffusers_folder(tmp_path / "v", "sd2", v_prediction=True)
     loaded = load_checkpoint(folder)
     assert (loaded.prediction, loaded.prediction_source) == ("v_prediction", "scheduler_config.json")
     assert load_checkpoint(folder, prediction="eps").prediction_source == "override"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_sd2_unets_attend_in_float32_from_either_form(family, tmp_path):
+def test_sd2_unets_attend_in_float32_from_either_form(tiny_sd2_checkpoint, tiny_sd2_folder):
     # ComfyUI runs every SD2 UNet's attention in float32: SD2.1's attention logits overflow fp16 (NaN images),
     # and a single file does not say which SD2 it is. Free in fp32; SD1 stays in the model dtype.
-    single = load_checkpoint(write_tiny_checkpoint(tmp_path / "m.safetensors", family), overrides=tiny_overrides(family))
-    folder = load_checkpoint(write_tiny_diffusers_folder(tmp_path / "folder", family))
-    expected = family == "sd2"
-    assert (single.unet_config.upcast_attention, folder.unet_config.upcast_attention) == (expected, expected)
+    single = unet_config_from_shapes(strip_prefix(shapes_of(tiny_sd2_checkpoint), UNET_PREFIX), "sd2",
+                                     tiny_overrides("sd2"))
+    assert json.loads((tiny_sd2_folder / "unet" / "config.json").read_text())["upcast_attention"] is False
+    folder = load_checkpoint(tiny_sd2_folder)
+    assert (single.upcast_attention, folder.unet_config.upcast_attention) == (True, True)
 
 
 def test_inpaint_config_has_nine_input_channels(tmp_path):
