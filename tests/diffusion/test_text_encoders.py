@@ -436,11 +436,12 @@ class NotATensor:
 
 def test_embedding_pickle_that_needs_code_is_refused_naming_the_global(tmp_path):
     torch.save({"string_to_param": {"*": NotATensor()}}, tmp_path / "evil.pt")
+    path = tmp_path / "evil.pt"
     with pytest.raises(ValueError) as error:
-        load_textual_inversion(tmp_path / "evil.pt")
+        load_textual_inversion(path)
     # The global that blocked it, and not torch's advice to retry with weights_only=False (running the code).
-    assert str(error.value) == (f"{tmp_path / 'evil.pt'}: not an embedding file that can be read safely "
-                                f"(unsafe or unsupported checkpoint: {tmp_path / 'evil.pt'} wants {__name__}.NotATensor)")
+    assert str(error.value) == (f"{path}: not an embedding file that can be read safely "
+                                f"(unsafe or unsupported checkpoint: {path} wants {__name__}.NotATensor)")
 
 
 def test_folder_lookup_tries_extensions_and_subfolders_but_never_leaves_the_folder(tmp_path):
