@@ -33,7 +33,7 @@ from diffusion.text_encoders import (
     TextEncoderConfig,
     transformers_to_open_clip,
 )
-from diffusion.tokenizer import write_vocab_files
+from diffusion.tokenizer import write_tokenizer_folder
 from diffusion.unet import TINY_SD1_UNET, TINY_SD2_UNET, UNetConfig, UNetModel
 from diffusion.vae import TINY_VAE, AutoencoderKL
 
@@ -265,21 +265,8 @@ def _write_weights(
 
 
 def _write_tokenizer(folder: Path, family: str) -> None:
-    write_vocab_files(folder)
     # SD2's tokenizer pads with "!" (id 0) to imitate open_clip's zero padding; SD1 pads with end-of-text.
-    pad = "!" if family == "sd2" else "<|endoftext|>"
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "do_lower_case": True,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_tokenizer_folder(folder, pad_token="!" if family == "sd2" else "<|endoftext|>")
 
 
 def _write_scheduler(folder: Path, family: str, v_prediction: bool) -> None:
