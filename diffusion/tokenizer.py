@@ -43,6 +43,9 @@ WHITESPACE = frozenset(
 )
 
 
+WORD_CACHE_LIMIT = 100_000
+
+
 @functools.cache
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte table: printable Latin-1 bytes stand for themselves, the other 68 bytes are
@@ -193,6 +196,9 @@ class ClipTokenizer:
             symbols = [self._bytes[b] for b in piece.encode("utf-8")]
             symbols[-1] += END_OF_WORD
             cached = [self.vocab[s] for s in self._merge(symbols)]
+            # A long-running server sees unbounded distinct words; a full cache starts over rather than grow.
+            if len(self._word_cache) >= WORD_CACHE_LIMIT:
+                self._word_cache.clear()
             self._word_cache[piece] = cached
         return cached
 

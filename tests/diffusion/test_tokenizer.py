@@ -135,3 +135,14 @@ def test_long_weighted_prompt_token_stream_equals_the_reference_across_chunks(to
     stream = [t for c in chunks for t, _ in c if t not in (BOS, EOS, 0)]
     assert len(chunks) == 2
     assert stream == reference(plain)["input_ids"][1:-1]
+
+
+def test_word_cache_stays_bounded_and_keeps_ids_right(monkeypatch):
+    import diffusion.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "WORD_CACHE_LIMIT", 3)
+    fresh = tokenizer_module.ClipTokenizer(ClipTokenizer.default().merges)
+    words = "a photo of a cat sitting on a red chair near the window".split()
+    ids = fresh.encode(" ".join(words))
+    assert len(fresh._word_cache) <= 3
+    assert ids == ClipTokenizer.default().encode(" ".join(words))
