@@ -310,7 +310,10 @@ class Combo(WidgetSpec):
 
     def coerce(self, value: Any, options: Sequence[Any] | None = None) -> Any:
         allowed = self.current_options() if options is None else options
-        if isinstance(value, (str, int, float, bool)) and value in allowed:
+        # Python's True == 1 and 1 == 1.0: match the option's kind too, so True never selects option 1.
+        if isinstance(value, (str, int, float, bool)) and any(
+                value == option and isinstance(value, bool) == isinstance(option, bool)
+                and isinstance(value, str) == isinstance(option, str) for option in allowed):
             return value
         raise InputError("value_not_in_list", "Value not in list", f"{value!r} not in {list(allowed)!r}")
 

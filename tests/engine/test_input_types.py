@@ -77,6 +77,20 @@ def test_combo_accepts_only_listed_values():
     assert caught.value.details == "'eulr' not in ['euler', 'heun']"
 
 
+def test_combo_of_numbers_does_not_take_a_bool_for_an_int_option():
+    with pytest.raises(InputError, match="not in"):
+        Combo([1, 2]).coerce(True)
+
+
+def test_combo_of_numbers_takes_an_equal_number_of_another_type():
+    assert Combo([1, 2]).coerce(1.0) == 1
+
+
+def test_combo_of_strings_does_not_take_a_number_for_a_numeric_string():
+    with pytest.raises(InputError, match="not in"):
+        Combo(["1", "2"]).coerce(1)
+
+
 def test_socket_refuses_a_constant():
     with pytest.raises(InputError, match=r"MODEL input takes a link \[node_id, output_index\], got constant 3"):
         Socket("MODEL").coerce(3)
