@@ -26,7 +26,6 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 
-SUPPORTED_FAMILIES = ("sd1", "sd2")
 _LATER_FAMILIES = {
     "sdxl_base": "SDXL base", "sdxl_refiner": "SDXL refiner", "sd2_unclip": "SD2 unCLIP", "sd3": "SD3 / SD3.5",
 }
