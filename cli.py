@@ -285,7 +285,8 @@ def cmd_serve(args: argparse.Namespace, registry: Registry) -> int:
     serve: Callable[..., Any] | None = getattr(server, "serve", None)
     if serve is None:
         raise UsageError("this build's server.py has no serve() function")
-    result = serve(settings_from(args), host=args.host, port=args.port, registry=registry)
+    result = serve(settings_from(args), host=args.host, port=args.port, registry=registry,
+                   allow_hosts=args.allow_host)
     return EXIT_OK if result is None else int(result)
 
 
@@ -311,6 +312,8 @@ def _nodes_arguments(sub: argparse.ArgumentParser) -> None:
 def _serve_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8188)
+    sub.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests for this host name (a loopback server refuses other names)")
 
 
 # name, handler, help, which shared options: the table to extend with new subcommands.

@@ -6,11 +6,14 @@ prompts one at a time; the aiohttp event loop never blocks on a node. Every rout
 `/api/`, as ComfyUI's current frontend calls it.
 
 Safety: requests whose `Origin` host differs from `Host` are refused (ComfyUI's protection of a loopback
-server against cross-site requests); every file name from a request goes through `resolve_inside`.
+server against cross-site requests). A loopback server also refuses `Host` names other than its own: a page
+on a rebinding DNS name would otherwise pass the origin check with matching names (DNS rebinding). Every
+file name from a request goes through `resolve_inside`.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -21,7 +24,7 @@ import threading
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -36,6 +39,7 @@ log = logging.getLogger("sdgraph.server")
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 #: Messages a history entry's `status.messages` keeps, as ComfyUI's does.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 HISTORY_MESSAGES = {"execution_start", "execution_cached", "execution_success", "execution_error",
                     "execution_interrupted"}
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
@@ -49,9 +53,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Server:
     """The server's state: executor, queue, connected websockets and the worker thread."""
 
-    def __init__(self, settings: RunSettings, registry: Registry, executor: Executor | None = None) -> None:
+    def __init__(self, settings: RunSettings, registry: Registry, executor: Executor | None = None,
+                 allowed_hosts: Iterable[str] | None = None) -> None:
+        """`allowed_hosts`: the host names requests may address (None: any, for a server on a LAN)."""
         self.settings = settings
         self.registry = registry
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
         self.executor = executor or Executor(registry, settings=settings)
         self.queue = PromptQueue(on_change=self._queue_changed)
         self.executor.subscribe(self._on_event)
@@ -64,7 +71,8 @@ class Server:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[same_origin_only], client_max_size=MAX_UPLOAD_BYTES)
+        app = web.Application(middlewares=[known_hosts_only(self.allowed_hosts), same_origin_only],
+                              client_max_size=MAX_UPLOAD_BYTES)
         routes = [
             ("GET", "/object_info", self.object_info), ("GET", "/object_info/{node_class}", self.object_info_one),
             ("POST", "/prompt", self.post_prompt), ("GET", "/prompt", self.get_prompt),
@@ -358,6 +366,34 @@ def preview_frame(preview: Any) -> bytes | None:
     return None
 
 
+def known_hosts_only(allowed: frozenset[str] | None) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = urlsplit("//" + request.host).hostname or ""
+        if allowed is not None and name.lower() not in allowed:
+            raise web.HTTPForbidden(text=f"requests for host {name!r} are refused; if it is yours, start the "
+                                         f"server with --allow-host {name}")
+        return await handler(request)
+    return check
+
+
+def allowed_hosts_for(bind_host: str, extra: Iterable[str] = ()) -> frozenset[str] | None:
+    """The host names a server bound to `bind_host` answers: on loopback its own names and `extra`;
+    elsewhere (a LAN server, reached under names it cannot know) any."""
+    if not is_loopback(bind_host):
+        return None
+    return LOOPBACK_NAMES | {bind_host.lower()} | {name.lower() for name in extra}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @web.middleware
 async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     origin = request.headers.get("Origin")
@@ -442,9 +478,12 @@ def system_stats() -> dict[str, Any]:
     return stats
 
 
-def serve(settings: RunSettings, host: str = "127.0.0.1", port: int = 8188, registry: Registry | None = None) -> None:
-    """Run the server until interrupted (`sdgraph serve`)."""
+def serve(settings: RunSettings, host: str = "127.0.0.1", port: int = 8188, registry: Registry | None = None,
+          allow_hosts: Iterable[str] = ()) -> None:
+    """Run the server until interrupted (`sdgraph serve`). Bound to loopback, it answers only requests for
+    loopback names, its own host and `allow_hosts` (say a reverse proxy's name); bound to other addresses,
+    any name."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = Server(settings, registry or Registry())
+    server = Server(settings, registry or Registry(), allowed_hosts=allowed_hosts_for(host, allow_hosts))
     log.info("sdgraph: %d node types; serving on http://%s:%d", len(server.registry), host, port)
     web.run_app(server.app(), host=host, port=port, print=None)

@@ -194,14 +194,17 @@ def test_default_nodes_package_loads_even_when_empty(capsys):
     assert isinstance(json.loads(capsys.readouterr().out), dict)
 
 
-def test_serve_hands_settings_host_and_port_to_the_server(monkeypatch, tmp_path):
+def test_serve_hands_settings_host_port_and_allowed_hosts_to_the_server(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType("server")
-    fake.serve = lambda settings, host, port, registry: calls.append((settings, host, port, len(registry)))
+    fake.serve = lambda settings, host, port, registry, allow_hosts: calls.append(
+        (settings, host, port, len(registry), allow_hosts))
     monkeypatch.setitem(sys.modules, "server", fake)
-    assert run_cli("serve", "--port", "9000", "--output-dir", str(tmp_path), "--device", "cpu") == 0
-    settings, host, port, node_count = calls[0]
+    assert run_cli("serve", "--port", "9000", "--output-dir", str(tmp_path), "--device", "cpu",
+                   "--allow-host", "sd.example") == 0
+    settings, host, port, node_count, allowed = calls[0]
     assert (host, port, settings.output_dir, settings.device, node_count) == ("127.0.0.1", 9000, tmp_path, "cpu", 23)
+    assert allowed == ["sd.example"]
 
 
 def test_console_script_runs_a_workflow(workflow, out_dir):

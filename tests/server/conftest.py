@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -14,21 +12,7 @@ from aiohttp import web
 import server as sdgraph_server
 import server_nodes
 from engine import Registry, RunSettings, import_node_module
-
-TOY_NODES = Path(__file__).parents[1] / "engine" / "toy_nodes.py"
-
-
-@dataclass
-class LiveServer:
-    url: str
-    settings: RunSettings
-    state: sdgraph_server.Server
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from live_server import TOY_NODES, LiveServer, free_port
 
 
 @pytest.fixture
@@ -38,8 +22,8 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     registry.load_module(server_nodes)
     settings = RunSettings(models_dir=tmp_path / "models", input_dir=tmp_path / "input",
                            output_dir=tmp_path / "output", temp_dir=tmp_path / "temp", device="cpu")
-    state = sdgraph_server.Server(settings, registry)
-    port = _free_port()
+    state = sdgraph_server.Server(settings, registry, allowed_hosts=sdgraph_server.allowed_hosts_for("127.0.0.1"))
+    port = free_port()
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(state.app())
     started = threading.Event()

@@ -7,13 +7,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import TOY_NODES, _free_port
+from live_server import TOY_NODES, free_port
 
 SDGRAPH = Path(sys.executable).with_name("sdgraph")
 
 
 def test_serve_answers_the_api_and_serves_the_page(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [str(SDGRAPH), "serve", "--port", str(port), "--nodes", str(TOY_NODES),
          "--output-dir", str(tmp_path / "output"), "--input-dir", str(tmp_path / "input"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from conftest import LiveServer
+from live_server import LiveServer
 
 
 def run(coroutine: Any) -> Any:
@@ -237,6 +237,22 @@ def test_cross_origin_requests_are_refused(live_server: LiveServer) -> None:
     host = live_server.url.removeprefix("http://")
     status, _ = run(get_json(live_server, "/object_info", Origin=f"http://{host}"))
     assert status == 200
+
+
+def test_a_loopback_server_refuses_host_names_other_than_its_own(live_server: LiveServer) -> None:
+    # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends matching Origin and Host.
+    port = live_server.url.rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    status, text = run(post_json(live_server, "/prompt", {"prompt": toy_prompt()}, **rebound))
+    assert status == 403 and "--allow-host evil.example" in text
+    assert run(get_json(live_server, "/object_info", Host=f"localhost:{port}"))[0] == 200
+
+
+def test_allowed_hosts_cover_loopback_names_and_extras_only_on_loopback() -> None:
+    from server import allowed_hosts_for
+    assert allowed_hosts_for("127.0.0.1", ["sd.example"]) == {"localhost", "127.0.0.1", "::1", "sd.example"}
+    assert "::1" in allowed_hosts_for("::1") and "localhost" in allowed_hosts_for("localhost")
+    assert allowed_hosts_for("0.0.0.0") is None and allowed_hosts_for("192.168.1.20") is None
 
 
 def test_queue_front_delete_and_remaining(live_server: LiveServer) -> None:
