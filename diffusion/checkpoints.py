@@ -173,6 +173,13 @@ def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
+def names_from_key_map(key_map: Mapping[str, str], file_keys: Iterable[str], prefix: str = "") -> dict[str, str]:
+    """Our key -> the file's key, for the diffusers names (under `prefix`) the file has; the VAE map offers
+    two spellings of its attention tensors and a file holds one."""
+    present = set(file_keys)
+    return {ours: prefix + theirs for theirs, ours in key_map.items() if prefix + theirs in present}
+
+
 def identity_names(module_keys: Iterable[str], prefix: str) -> dict[str, str]:
     """Module key -> file key for modules named after the LDM keys (the file only adds a prefix)."""
     return {key: prefix + key for key in module_keys}
@@ -392,8 +399,7 @@ def load_vae(
             raise CheckpointError(f"{source.description}: {error}") from None
         vae = AutoencoderKL(config, device="meta")
         if "decoder.up_blocks.0.resnets.0.norm1.weight" in vae_shapes:
-            key_map = vae_diffusers_key_map(config)
-            names = {ours: prefix + theirs for theirs, ours in key_map.items() if theirs in vae_shapes}
+            names = names_from_key_map(vae_diffusers_key_map(config), shapes, prefix)
         else:
             names = identity_names(vae.state_dict(), prefix)
         assign_weights(vae, source, names, dtype=dtype, device=device, what="VAE")

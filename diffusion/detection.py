@@ -17,7 +17,7 @@ import torch
 
 from diffusion.safetensors_io import CheckpointError
 from diffusion.unet import UNetConfig
-from diffusion.vae import VAEConfig
+from diffusion.vae import SD3_VAE, SD_VAE, VAEConfig
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -38,10 +38,6 @@ _FAMILY_EXPECTS = (
     "SD3: model.diffusion_model.joint_blocks.*, text_encoders.*",
     "standalone VAE: encoder.*, decoder.* (optionally quant_conv.*, post_quant_conv.*)",
 )
-
-# SD1/SD2 VAE latent scaling (model-formats 5); SD3's 16-channel VAE has its own.
-SD_VAE_SCALE = 0.18215
-SD3_VAE_SCALE, SD3_VAE_SHIFT = 1.5305, 0.0609
 
 # ComfyUI's SD2 v-prediction test: the biased std of one norm bias above this means a v model.
 _SD2_V_STD_THRESHOLD = 0.09
@@ -88,6 +84,11 @@ class PredictionChoice:
     zsnr: bool = False
 
 
+def variant_of(in_channels: int) -> str:
+    """The UNet variant its input width tells (rule 5): noisy latent + mask + masked image, or + image."""
+    return {9: "inpaint", 8: "pix2pix"}.get(in_channels, "base")
+
+
 def strip_prefix(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
     return {name[len(prefix):]: shape for name, shape in shapes.items() if name.startswith(prefix)}
 
@@ -105,7 +106,7 @@ def detect_family(shapes: Shapes) -> FamilyDetection:
         return FamilyDetection("sd3", in_channels=unet.get("x_embedder.proj.weight", (0, 0))[1])
     if "input_blocks.0.0.weight" in unet:
         in_channels = unet["input_blocks.0.0.weight"][1]
-        variant = {9: "inpaint", 8: "pix2pix"}.get(in_channels, "base")
+        variant = variant_of(in_channels)
         if "label_emb.0.0.weight" in unet:
             if any(name.startswith(SD2_TEXT_PREFIX) for name in shapes):
                 # SD2.x unCLIP: label_emb takes an image embedding, the text encoder is SD2's.
@@ -205,7 +206,8 @@ def vae_config_from_shapes(vae: Shapes, *, num_groups: int = 32) -> VAEConfig:
     levels = _count_indices(vae, level_key)
     widths = [vae[level_key.format(level)][0] for level in range(levels)]
     z_channels = _require(vae, "decoder.conv_in.weight")[1]
-    scale, shift = (SD3_VAE_SCALE, SD3_VAE_SHIFT) if z_channels == 16 else (SD_VAE_SCALE, 0.0)
+    # The latent scaling of the family's VAE (model-formats 5): SD3's 16-channel VAE has its own.
+    latent_preset = SD3_VAE if z_channels == SD3_VAE.z_channels else SD_VAE
     return VAEConfig(
         ch=ch,
         ch_mult=tuple(width // ch for width in widths),
@@ -215,8 +217,8 @@ def vae_config_from_shapes(vae: Shapes, *, num_groups: int = 32) -> VAEConfig:
         out_channels=_require(vae, "decoder.conv_out.weight")[0],
         use_quant_conv="quant_conv.weight" in vae,
         num_groups=num_groups,
-        scale_factor=scale,
-        shift_factor=shift,
+        scale_factor=latent_preset.scale_factor,
+        shift_factor=latent_preset.shift_factor,
     )
 
 
@@ -232,9 +234,7 @@ def detect_prediction(
     """Decide eps vs v-prediction: override, then markers, then sidecar yaml, metadata, the SD2 heuristic."""
     zsnr = "ztsnr" in shapes
     if override is not None:
-        if override not in PREDICTION_TYPES:
-            raise ValueError(f"prediction override must be one of {PREDICTION_TYPES}, got {override!r}")
-        return PredictionChoice(override, "override", zsnr)
+        return checked_override(override, zsnr)
     if "v_pred" in shapes:
         return PredictionChoice("v_prediction", "v_pred key", zsnr)
     sidecar = _sidecar_parameterization(path) if path is not None else None
@@ -248,6 +248,13 @@ def detect_prediction(
         if guess is not None:
             return PredictionChoice(guess, "SD2 norm-bias heuristic", zsnr)
     return PredictionChoice("eps", "family default", zsnr)
+
+
+def checked_override(override: str, zsnr: bool) -> PredictionChoice:
+    """The caller's explicit prediction type, which beats every marker and heuristic."""
+    if override not in PREDICTION_TYPES:
+        raise ValueError(f"prediction override must be one of {PREDICTION_TYPES}, got {override!r}")
+    return PredictionChoice(override, "override", zsnr)
 
 
 def _sidecar_parameterization(path: Path) -> tuple[str, str] | None:

@@ -21,8 +21,9 @@ from diffusion.checkpoints import (
     assign_weights,
     check_unexpected,
     load_text_encoder,
+    names_from_key_map,
 )
-from diffusion.detection import PREDICTION_TYPES, PredictionChoice, sd2_upcasts_attention
+from diffusion.detection import PredictionChoice, checked_override, sd2_upcasts_attention, variant_of
 from diffusion.key_maps import (
     unet_config_from_diffusers,
     unet_diffusers_key_map,
@@ -122,14 +123,14 @@ def load_diffusers_folder(
     vae_config = _config(folder / "vae" / "config.json", vae_config_from_diffusers)
     unet = UNetModel(unet_config, device="meta")
     with open_component(folder / "unet", DIFFUSERS_WEIGHTS, variant) as source:
-        names = _names_from_key_map(unet_diffusers_key_map(unet_config), source.shapes())
+        names = names_from_key_map(unet_diffusers_key_map(unet_config), source.shapes())
         assign_weights(unet, source, names, what="UNet", dtype=dtype, device=device)
         check_unexpected(source.shapes(), set(names.values()), "", source.description)
     vae = load_diffusers_vae(folder / "vae", vae_config, dtype=dtype, device=device, variant=variant)
     text_config, text_encoder = _load_text_encoder(folder / "text_encoder", family, dtype, device, variant)
     choice = _folder_prediction(folder, prediction)
     return LoadedCheckpoint(
-        source=str(folder), family=family, variant={9: "inpaint", 8: "pix2pix"}.get(unet_config.in_channels, "base"),
+        source=str(folder), family=family, variant=variant_of(unet_config.in_channels),
         unet=unet, vae=vae, text_encoder=text_encoder, unet_config=unet_config, vae_config=vae_config,
         text_config=text_config, prediction=choice.prediction, prediction_source=choice.source, zsnr=choice.zsnr,
         skipped_keys=(), unexpected_keys=(),
@@ -149,10 +150,11 @@ def _load_text_encoder(
 ) -> tuple[TextEncoderConfig, ClipTextEncoder]:
     text_json = read_json(folder / "config.json")
     with open_component(folder, TRANSFORMERS_WEIGHTS, variant) as source:
-        names = {key.removeprefix("text_model."): key for key in source.shapes()}
+        shapes = source.shapes()
+        names = {key.removeprefix("text_model."): key for key in shapes}
         try:
             text_config = text_encoder_config_from_state_dict(
-                {name: source.shapes()[key] for name, key in names.items()},
+                {name: shapes[key] for name, key in names.items()},
                 base=TEXT_BASES[family],
                 num_heads=text_json.get("num_attention_heads"),
             )
@@ -174,19 +176,10 @@ def load_diffusers_vae(
     config = config or _config(folder / "config.json", vae_config_from_diffusers)
     vae = AutoencoderKL(config, device="meta")
     with open_component(folder, DIFFUSERS_WEIGHTS, variant) as source:
-        names = _names_from_key_map(vae_diffusers_key_map(config), source.shapes())
+        names = names_from_key_map(vae_diffusers_key_map(config), source.shapes())
         assign_weights(vae, source, names, what="VAE", dtype=dtype, device=device)
         check_unexpected(source.shapes(), set(names.values()), "", source.description)
     return vae
-
-
-def _names_from_key_map(key_map: Mapping[str, str], file_keys: Mapping[str, object]) -> dict[str, str]:
-    """Our key -> the file's key, for the diffusers names present (the VAE map has two spellings per tensor)."""
-    names: dict[str, str] = {}
-    for theirs, ours in key_map.items():
-        if theirs in file_keys:
-            names[ours] = theirs
-    return names
 
 
 def _folder_prediction(folder: Path, override: str | None) -> PredictionChoice:
@@ -194,9 +187,7 @@ def _folder_prediction(folder: Path, override: str | None) -> PredictionChoice:
     config = read_json(scheduler) if scheduler.is_file() else {}
     zsnr = bool(config.get("rescale_betas_zero_snr", False))
     if override is not None:
-        if override not in PREDICTION_TYPES:
-            raise ValueError(f"prediction override must be one of {PREDICTION_TYPES}, got {override!r}")
-        return PredictionChoice(override, "override", zsnr)
+        return checked_override(override, zsnr)
     if config.get("prediction_type") in _SCHEDULER_PREDICTIONS:
         return PredictionChoice(_SCHEDULER_PREDICTIONS[config["prediction_type"]], "scheduler_config.json", zsnr)
     return PredictionChoice("eps", "family default", zsnr)

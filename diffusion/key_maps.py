@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from diffusion.unet import SDXL_ADM_TIME_EMBED_DIM, UNetConfig, UNetModel
-from diffusion.vae import AutoencoderKL, VAEConfig
+from diffusion.vae import SD_VAE, AutoencoderKL, VAEConfig
 
 _UNET_RESNET_NAMES = {
     "in_layers.0": "norm1",
@@ -391,7 +391,7 @@ def vae_config_from_diffusers(config_json: Mapping) -> VAEConfig:
         out_channels=config_json.get("out_channels", 3),
         use_quant_conv=bool(quant),
         num_groups=config_json.get("norm_num_groups", 32),
-        scale_factor=float(config_json.get("scaling_factor", 0.18215)),
+        scale_factor=float(config_json.get("scaling_factor", SD_VAE.scale_factor)),
         shift_factor=0.0 if shift is None else float(shift),
     )
 

@@ -105,9 +105,11 @@ class PickleTensors:
         self.description = str(self.path)
         self.metadata: dict[str, str] = {}
         self._tensors = load_pickle_state_dict(self.path)
+        self._shapes = {name: tuple(t.shape) for name, t in self._tensors.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(t.shape) for name, t in self._tensors.items()}
+        """Every tensor's shape (computed once). Treat as read-only."""
+        return self._shapes
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors

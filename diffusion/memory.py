@@ -105,14 +105,12 @@ class ModelManager:
         """Put every given model on the device, offloading least recently used others to make room."""
         with self._table():
             wanted = list({id(m): m for m in models}.values())
-            missing = [m for m in wanted if id(m) not in self._resident]
-            needed = sum(weight_bytes(m) for m in missing)
+            missing = {id(m): (m, weight_bytes(m)) for m in wanted if id(m) not in self._resident}
             if missing:
-                self._make_room(needed, keep={id(m) for m in wanted})
-            for model in missing:
+                self._make_room(sum(size for _, size in missing.values()), keep={id(m) for m in wanted})
+            for key, (model, size) in missing.items():
                 self._mover(model, self.device)
-                ref = weakref.ref(model, self._forget(id(model)))
-                self._resident[id(model)] = _Resident(ref, weight_bytes(model))
+                self._resident[key] = _Resident(weakref.ref(model, self._forget(key)), size)
             for model in wanted:
                 self._resident.move_to_end(id(model))
 

@@ -184,6 +184,7 @@ class SafetensorsFiles:
                     raise CheckpointError(f"tensor {name!r} is in both {self._owner[name].path} and {header.path}")
                 self._owner[name] = header
         self._handles: dict[Path, object] = {}
+        self._shapes = {name: header.tensors[name].shape for name, header in self._owner.items()}
 
     @property
     def description(self) -> str:
@@ -198,7 +199,8 @@ class SafetensorsFiles:
         return merged
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: header.tensors[name].shape for name, header in self._owner.items()}
+        """Every tensor's shape (computed once; loaders ask many times). Treat as read-only."""
+        return self._shapes
 
     def info(self, name: str) -> TensorInfo:
         return self._owner[name].tensors[name]

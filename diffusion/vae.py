@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.attention import attention
+from diffusion.latent_format import LatentFormat
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +286,10 @@ class AutoencoderKL(nn.Module):
                 weight[region] += mask
         return (pixels / weight).to(latent.dtype)
 
-    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latent -> the denoiser's latent space: ``(z - shift) * scale``."""
-        return (latent - self.config.shift_factor) * self.config.scale_factor
-
-    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
-        """The denoiser's latent space -> raw VAE latent: ``z / scale + shift``."""
-        return latent / self.config.scale_factor + self.config.shift_factor
+    @property
+    def latent_format(self) -> LatentFormat:
+        """How this VAE's raw latents map into the denoiser's space (and back)."""
+        return LatentFormat(self.config.scale_factor, self.config.shift_factor)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -12,28 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..latent_format import LatentFormat
 from .denoiser import Denoiser, StepCallback, denoise_with_uncond
 from .guidance import ApplyModel, CFGDenoiser, CondBatcher, Condition, EncodeY, repeat_to_batch
 from .model_sampling import ModelSampling
-from .noise import MAX_SEED, cpu_generator, initial_noise, to_device
+from .noise import MAX_SEED, initial_noise, to_device
 from .registry import get_sampler, run_sampler
 from .schedulers import calculate_sigmas
 
 Conditioning = Sequence[Sequence[Any]]  # ComfyUI's CONDITIONING: [[cross_attn, extras], ...]
-
-
-@dataclass(frozen=True)
-class LatentFormat:
-    """How a family's LATENT values map to what its diffusion model sees (ComfyUI's process_latent_in)."""
-
-    scale_factor: float = 1.0
-    shift_factor: float = 0.0
-
-    def process_in(self, latent: Tensor) -> Tensor:
-        return (latent - self.shift_factor) * self.scale_factor
-
-    def process_out(self, latent: Tensor) -> Tensor:
-        return latent / self.scale_factor + self.shift_factor
 
 
 @dataclass(frozen=True)
@@ -145,9 +132,7 @@ def sample_custom(
     if noise_mask is not None:
         inpaint_noise = noise
         if spec.inpaint_fresh_noise:
-            fresh_seed = (seed + 1) & MAX_SEED
-            fresh = torch.randn(tuple(latent.shape), generator=cpu_generator(fresh_seed), dtype=torch.float32)
-            inpaint_noise = to_device(fresh, latent)
+            inpaint_noise = to_device(initial_noise(latent.shape, (seed + 1) & MAX_SEED), latent)
         denoiser = InpaintDenoiser(denoiser, x_latent, inpaint_noise, prepare_noise_mask(noise_mask, latent), ms)
     first, last = float(sigmas[0]), float(sigmas[-1])
     if last == 0.0 and spec.final_sigma is not None:

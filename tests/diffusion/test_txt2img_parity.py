@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diffusion.checkpoints import load_checkpoint
-from diffusion.sampling import DiscreteConfig, DiscreteModelSampling, LatentFormat, SamplingModel, sample
+from diffusion.sampling import DiscreteConfig, DiscreteModelSampling, SamplingModel, sample
 from diffusion.sampling.noise import initial_noise
 from diffusion.text_encoders import SDTextEncoder
 from diffusion.tiny_models import write_tiny_diffusers_folder
@@ -31,7 +31,7 @@ def ours_txt2img(folder, prediction: str) -> torch.Tensor:
     assert loaded.prediction == prediction
     clip = SDTextEncoder(loaded.text_encoder)
     model = SamplingModel(loaded.unet, DiscreteModelSampling(DiscreteConfig(prediction=prediction)),
-                          LatentFormat(scale_factor=loaded.vae_config.scale_factor))
+                          loaded.vae.latent_format)
     with torch.inference_mode():
         cond, _ = clip.encode(PROMPT)
         uncond, _ = clip.encode("")

@@ -124,12 +124,12 @@ def test_half_precision_decode_stays_close_to_float32(tiny_vae, dtype, tolerance
     assert normalised_error(decoded, expected) < tolerance
 
 
-def test_process_in_and_out_apply_scale_and_shift():
-    model = AutoencoderKL(SD3_VAE, device="meta")
+def test_latent_format_applies_the_vaes_scale_and_shift():
+    latent_format = AutoencoderKL(SD3_VAE, device="meta").latent_format
     latent = torch.tensor([0.0609, 1.0609, -0.9391])
-    torch.testing.assert_close(model.process_in(latent), torch.tensor([0.0, 1.5305, -1.5305]))
-    torch.testing.assert_close(model.process_out(model.process_in(latent)), latent)
-    sd = AutoencoderKL(SD_VAE, device="meta")
+    torch.testing.assert_close(latent_format.process_in(latent), torch.tensor([0.0, 1.5305, -1.5305]))
+    torch.testing.assert_close(latent_format.process_out(latent_format.process_in(latent)), latent)
+    sd = AutoencoderKL(SD_VAE, device="meta").latent_format
     torch.testing.assert_close(sd.process_in(torch.tensor([1.0])), torch.tensor([0.18215]))
 
 
