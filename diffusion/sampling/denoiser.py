@@ -72,8 +72,9 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 def half_log_snr(sigma: float, flow: bool = False) -> float:
     """lambda = log(alpha / sigma), the DPM-Solver time variable: -log(sigma) in VE units (alpha = 1),
     log((1 - sigma) / sigma) for rectified flow (alpha = 1 - sigma)."""
-    return math.log((1.0 - sigma) / sigma) if flow else -math.log(sigma)
-
-
-# Rectified flow's log-SNR is infinite at sigma = 1; SNR-based samplers start just inside (ComfyUI's offset).
-FLOW_FIRST_SIGMA = 0.9999
+    if not flow:
+        return -math.log(sigma)
+    if sigma >= 1.0:
+        # Infinite at pure noise: run_sampler starts these samplers at percent_to_sigma(1e-4) instead.
+        raise ValueError(f"log-SNR of a flow sigma of {sigma} is infinite; start the schedule below 1")
+    return math.log((1.0 - sigma) / sigma)

@@ -20,8 +20,7 @@ from torch import Tensor
 
 from .denoiser import Denoiser, NoiseSampler, StepCallback, half_log_snr, report
 from .model_sampling import ModelSampling
-
-_GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(16)
+from .quadrature import gauss_legendre, lagrange_basis, weighted_sum
 
 TauFunction = Callable[[float], float]
 
@@ -29,30 +28,15 @@ TauFunction = Callable[[float], float]
 def stochastic_adams_weights(nodes: list[float], start: float, end: float, tau: float) -> list[float]:
     """int_start^end (1 + tau^2) e^((1 + tau^2)(l - end)) L_j(l) dl for the Lagrange basis L_j on `nodes`."""
     rate = 1.0 + tau * tau
-    half = 0.5 * (end - start)
-    points = 0.5 * (end + start) + half * _GAUSS_NODES
-    kernel = rate * np.exp(rate * (points - end)) * _GAUSS_WEIGHTS * half
-    weights = []
-    for j, node in enumerate(nodes):
-        basis = np.ones_like(points)
-        for k, other in enumerate(nodes):
-            if k != j:
-                basis *= (points - other) / (node - other)
-        weights.append(float(np.sum(kernel * basis)))
-    return weights
+    points, quadrature_weights = gauss_legendre(start, end)
+    kernel = rate * np.exp(rate * (points - end)) * quadrature_weights
+    return [float(np.sum(kernel * basis)) for basis in lagrange_basis(nodes, points)]
 
 
 def default_tau(model_sampling: ModelSampling, eta: float = 1.0) -> TauFunction:
     """ComfyUI's default: stochastic (tau = eta) for sigmas between 20% and 80% of sampling, an ODE elsewhere."""
     upper, lower = model_sampling.percent_to_sigma(0.2), model_sampling.percent_to_sigma(0.8)
     return lambda sigma: eta if lower <= sigma <= upper else 0.0
-
-
-def _combine(weights: list[float], estimates: list[Tensor]) -> Tensor:
-    total = estimates[0] * weights[0]
-    for weight, estimate in zip(weights[1:], estimates[1:]):
-        total = total + estimate * weight
-    return total
 
 
 def sample_sa_solver(
@@ -95,7 +79,7 @@ def sample_sa_solver(
             x = x_pred
         else:
             weights = stochastic_adams_weights(lambdas[i - c_order + 1 : i + 1], lambdas[i - 1], lambdas[i], tau_now)
-            x = x * (s[i] / s[i - 1] * math.exp(-(tau_now**2) * h)) + _combine(weights, history[-c_order:])
+            x = x * (s[i] / s[i - 1] * math.exp(-(tau_now**2) * h)) + weighted_sum(weights, history[-c_order:])
             if tau_now > 0.0 and s_noise > 0.0:
                 x = x + step_noise
             if pece:
@@ -107,7 +91,7 @@ def sample_sa_solver(
         tau_now = tau(s[i + 1])
         h = lambdas[i + 1] - lambdas[i]
         weights = stochastic_adams_weights(lambdas[i - p_order + 1 : i + 1], lambdas[i], lambdas[i + 1], tau_now)
-        x_pred = x * (s[i + 1] / s[i] * math.exp(-(tau_now**2) * h)) + _combine(weights, history[-p_order:])
+        x_pred = x * (s[i + 1] / s[i] * math.exp(-(tau_now**2) * h)) + weighted_sum(weights, history[-p_order:])
         if tau_now > 0.0 and s_noise > 0.0:
             std = s[i + 1] * math.sqrt(-math.expm1(-2.0 * tau_now**2 * h)) * s_noise
             step_noise = noise(s[i], s[i + 1]) * std

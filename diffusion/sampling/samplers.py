@@ -10,7 +10,6 @@ import math
 from torch import Tensor
 
 from .denoiser import (
-    FLOW_FIRST_SIGMA,
     Denoiser,
     NoiseSampler,
     StepCallback,
@@ -21,6 +20,10 @@ from .denoiser import (
     to_d,
 )
 from .model_sampling import ModelSampling
+
+# ComfyUI's flow DPM++(2S) ancestral takes its midpoint at this sigma when a step starts at pure noise,
+# where the log-SNR midpoint is undefined.
+FLOW_FIRST_MIDPOINT = 0.9999
 
 
 def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, callback: StepCallback | None = None) -> Tensor:
@@ -276,7 +279,7 @@ def _dpmpp_2s_ancestral_flow(
             continue
         sigma_down, scale, renoise = flow_ancestral_step(s[i], s[i + 1], eta)
         if s[i] >= 1.0:
-            sigma_mid = FLOW_FIRST_SIGMA
+            sigma_mid = FLOW_FIRST_MIDPOINT
         else:
             lam, lam_down = half_log_snr(s[i], flow=True), half_log_snr(sigma_down, flow=True)
             sigma_mid = 1.0 / (math.exp(lam + 0.5 * (lam_down - lam)) + 1.0)

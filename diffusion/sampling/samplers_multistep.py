@@ -17,6 +17,7 @@ from .denoiser import (
     report,
     to_d,
 )
+from .quadrature import gauss_legendre, lagrange_basis
 
 
 def adams_coefficients(nodes: list[float], start: float, end: float) -> list[float]:
@@ -68,7 +69,6 @@ def sample_lms(
 _VP_EPS_S, _VP_SIGMA_MIN, _VP_SIGMA_MAX = 1e-3, 0.002, 80.0
 _VP_BETA_D = 2.0 * (math.log1p(_VP_SIGMA_MIN**2) / _VP_EPS_S - math.log1p(_VP_SIGMA_MAX**2)) / (_VP_EPS_S - 1.0)
 _VP_BETA_MIN = math.log1p(_VP_SIGMA_MAX**2) - 0.5 * _VP_BETA_D
-_DEIS_NODES, _DEIS_WEIGHTS = np.polynomial.legendre.leggauss(16)
 
 
 def edm_vp_time(sigma: np.ndarray | float) -> np.ndarray | float:
@@ -84,17 +84,9 @@ def deis_tab_weights(nodes: list[float], sigma: float, sigma_next: float) -> lis
     Substituting sigma for tau leaves a smooth integrand, so 16-point Gauss-Legendre in sigma is exact to
     round-off (ComfyUI sums 10,000 points in t, which agrees to about 1e-4 relative).
     """
-    half = 0.5 * (sigma_next - sigma)
-    points = edm_vp_time(0.5 * (sigma_next + sigma) + half * _DEIS_NODES)
+    sigma_points, quadrature_weights = gauss_legendre(sigma, sigma_next)
     times = [float(edm_vp_time(node)) for node in nodes]
-    weights = []
-    for j, t_j in enumerate(times):
-        basis = np.ones_like(points)
-        for k, t_k in enumerate(times):
-            if k != j:
-                basis *= (points - t_k) / (t_j - t_k)
-        weights.append(float(np.sum(basis * _DEIS_WEIGHTS) * half))
-    return weights
+    return [float(np.sum(basis * quadrature_weights)) for basis in lagrange_basis(times, edm_vp_time(sigma_points))]
 
 
 def sample_deis(

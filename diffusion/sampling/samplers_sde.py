@@ -10,7 +10,6 @@ import math
 from torch import Tensor
 
 from .denoiser import (
-    FLOW_FIRST_SIGMA,
     Denoiser,
     NoiseSampler,
     StepCallback,
@@ -71,13 +70,12 @@ def sample_dpmpp_2m_sde(
     Gaussian increment of std sigma_next * sqrt(1 - e^(-2 eta h)); `solver_type` picks the
     midpoint or Heun form of the 2nd-order correction.
 
-    Written with alpha and lambda = log(alpha / sigma), so `flow` (alpha = 1 - sigma) needs no other change.
+    Written with alpha and lambda = log(alpha / sigma), so `flow` (alpha = 1 - sigma) needs no other change;
+    a flow schedule must start below sigma 1 (run_sampler moves a leading 1 to percent_to_sigma(1e-4)).
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     s = sigmas.tolist()
-    if flow and s[0] >= 1.0:
-        s[0] = FLOW_FIRST_SIGMA
     old: Tensor | None = None
     h_last = 0.0
     for i in range(len(s) - 1):
@@ -124,8 +122,6 @@ def sample_dpmpp_3m_sde(
     e^(-h(1 + eta)) in VE units) and every x0 term carries alpha_next, so `flow` works unchanged.
     """
     s = sigmas.tolist()
-    if flow and s[0] >= 1.0:
-        s[0] = FLOW_FIRST_SIGMA
     history: list[tuple[Tensor, float]] = []  # (denoised, h) of the last two steps, newest first
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])

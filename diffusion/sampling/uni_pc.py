@@ -13,6 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from .denoiser import Denoiser, StepCallback, half_log_snr, report
+from .quadrature import weighted_sum
 
 # ComfyUI's uni_pc replaces a final sigma of 0 by 0.001 and returns the sample there.
 FINAL_SIGMA = 0.001
@@ -31,13 +32,6 @@ def _coefficients(rks: list[float], hh: float, variant: str) -> tuple[np.ndarray
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1.0 / factorial
     return np.array(rows), np.array(rhs), b_h
-
-
-def _weighted(weights, slopes: list[Tensor]) -> Tensor | float:
-    total: Tensor | float = 0.0
-    for weight, slope in zip(weights, slopes):
-        total = total + slope * float(weight)
-    return total
 
 
 def sample_uni_pc(
@@ -81,7 +75,7 @@ def sample_uni_pc(
         x_base = x * (sigma / sigma_prev) - model_prev * math.expm1(hh)
         if slopes:
             rhos_p = [0.5] if step_order == 2 else np.linalg.solve(rows[:-1, :-1], rhs[:-1])
-            x_pred = x_base - _weighted(rhos_p, slopes) * b_h
+            x_pred = x_base - weighted_sum(rhos_p, slopes) * b_h
         else:
             x_pred = x_base
         if step == steps:
@@ -89,7 +83,7 @@ def sample_uni_pc(
         model_t = denoiser(x_pred, sigma)
         report(callback, step, steps, x_pred, model_t)
         rhos_c = [0.5] if step_order == 1 else np.linalg.solve(rows, rhs)
-        correction = _weighted(rhos_c[:-1], slopes) + (model_t - model_prev) * float(rhos_c[-1])
+        correction = weighted_sum(rhos_c[:-1], slopes) + (model_t - model_prev) * float(rhos_c[-1])
         x = x_base - correction * b_h
         history.append((sigma, model_t))
     return x
