@@ -26,6 +26,7 @@ from diffusion.key_maps import (
     vae_config_to_diffusers,
     vae_state_dict_to_diffusers,
 )
+from diffusion.sampling.model_sampling import DiscreteConfig, scaled_linear_betas
 from diffusion.text_encoders import (
     SD1_CLIP_L,
     SD2_OPENCLIP_H,
@@ -52,8 +53,8 @@ _UNET_STREAM, _VAE_STREAM, _TEXT_STREAM = 0, 1, 2
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 # The SD training schedule ("scaled_linear", 1000 steps): written as real files carry it, for the loader
-# to skip.
-_BETA_START, _BETA_END, _TRAIN_STEPS = 0.00085, 0.012, 1000
+# to skip, and into the diffusers scheduler config.
+_SCHEDULE = DiscreteConfig()
 
 
 def tiny_unet_config(family: str, *, inpaint: bool = False) -> UNetConfig:
@@ -117,7 +118,7 @@ def tiny_text_weights(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _schedule_buffers() -> dict[str, torch.Tensor]:
-    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_STEPS, dtype=torch.float64) ** 2
+    betas = scaled_linear_betas(_SCHEDULE.num_timesteps, _SCHEDULE.linear_start, _SCHEDULE.linear_end)
     return {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float()}
 
 
@@ -225,23 +226,10 @@ def _diffusers_text_weights(family: str, seed: int) -> dict[str, torch.Tensor]:
 
 def _text_encoder_config_json(family: str) -> dict:
     config = tiny_text_config(family)
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers - 1 if family == "sd2" else config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "max_position_embeddings": config.max_positions,
-        "vocab_size": config.vocab_size,
-        "hidden_act": config.hidden_act,
-        "layer_norm_eps": 1e-5,
-        "projection_dim": config.projection_dim or config.hidden_size,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": "float32",
-    }
+    if family == "sd2":
+        config = dataclasses.replace(config, num_layers=config.num_layers - 1)  # the folder's tower, one block short
+    # What transformers' save_pretrained writes for this configuration.
+    return {**config.to_transformers().to_dict(), "architectures": ["CLIPTextModel"], "torch_dtype": "float32"}
 
 
 def _write_weights(
@@ -273,10 +261,10 @@ def _write_scheduler(folder: Path, family: str, v_prediction: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "_class_name": "PNDMScheduler" if family == "sd1" else "DDIMScheduler",
-        "beta_start": _BETA_START,
-        "beta_end": _BETA_END,
+        "beta_start": _SCHEDULE.linear_start,
+        "beta_end": _SCHEDULE.linear_end,
         "beta_schedule": "scaled_linear",
-        "num_train_timesteps": _TRAIN_STEPS,
+        "num_train_timesteps": _SCHEDULE.num_timesteps,
         "prediction_type": "v_prediction" if v_prediction else "epsilon",
         "set_alpha_to_one": False,
         "steps_offset": 1,
