@@ -218,12 +218,7 @@ class Server:
                                   "queue_pending": [item.to_json() for item in self.queue.pending()]})
 
     async def post_queue(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        if body.get("clear"):
-            self.queue.clear()
-        if "delete" in body:
-            self.queue.delete([str(prompt_id) for prompt_id in list_field(body, "delete")])
-        return web.Response(status=200)
+        return await clear_or_delete(request, self.queue.clear, self.queue.delete)
 
     async def get_history(self, request: web.Request) -> web.Response:
         max_items = int_query(request, "max_items")
@@ -234,12 +229,7 @@ class Server:
         return web.json_response(self.queue.history_entry(request.match_info["prompt_id"]))
 
     async def post_history(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
-        if body.get("clear"):
-            self.queue.clear_history()
-        if "delete" in body:
-            self.queue.delete_history([str(prompt_id) for prompt_id in list_field(body, "delete")])
-        return web.Response(status=200)
+        return await clear_or_delete(request, self.queue.clear_history, self.queue.delete_history)
 
     async def post_interrupt(self, request: web.Request) -> web.Response:
         body = await json_body(request, allow_empty=True)
@@ -415,6 +405,17 @@ async def json_body(request: web.Request, allow_empty: bool = False) -> dict[str
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="request body must be a JSON object")
     return body
+
+
+async def clear_or_delete(request: web.Request, clear: Callable[[], None],
+                          delete: Callable[[list[str]], None]) -> web.Response:
+    """`POST /queue` and `POST /history`: `{"clear": true}` and/or `{"delete": [prompt_id, ...]}`."""
+    body = await json_body(request)
+    if body.get("clear"):
+        clear()
+    if "delete" in body:
+        delete([str(prompt_id) for prompt_id in list_field(body, "delete")])
+    return web.Response(status=200)
 
 
 def list_field(body: dict[str, Any], name: str) -> list[Any]:

@@ -111,7 +111,8 @@ class PromptQueue:
 
     def delete(self, prompt_ids: list[str]) -> None:
         with self._condition:
-            self._pending = [item for item in self._pending if item.prompt_id not in set(prompt_ids)]
+            doomed = set(prompt_ids)
+            self._pending = [item for item in self._pending if item.prompt_id not in doomed]
         self._on_change()
 
     def clear(self) -> None:

@@ -79,14 +79,6 @@ class NodeType:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
 
-    @property
-    def required_inputs(self) -> dict[str, InputSpec]:
-        return {name: spec for name, spec in self.inputs.items() if not spec.optional}
-
-    @property
-    def optional_inputs(self) -> dict[str, InputSpec]:
-        return {name: spec for name, spec in self.inputs.items() if spec.optional}
-
     def hidden_input(self, kind: str) -> str | None:
         """The parameter name receiving hidden value `kind`, if the node declares one."""
         return next((name for name, spec in self.hidden.items() if spec.kind == kind), None)
@@ -278,7 +270,7 @@ def import_node_module(reference: str) -> ModuleType:
     module_name = f"sdgraph_custom_{where.stem if path.is_file() else where.name}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    locations = [str(path.resolve())] if path.is_dir() else None
+    locations = [str(where)] if path.is_dir() else None
     spec = importlib.util.spec_from_file_location(module_name, target, submodule_search_locations=locations)
     if spec is None or spec.loader is None:
         raise ImportError(f"node module {reference!r}: cannot be loaded from {target}")

@@ -127,6 +127,11 @@ class WidgetSpec(InputSpec):
                           f"{value!r} is not a valid {self.type_name}")
 
 
+def _given(**options: Any) -> dict[str, Any]:
+    """The options that were set: `/object_info` leaves unset ones out rather than writing null."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _check_default(spec: Int | Float) -> None:
     """A default outside its own range is a declaration bug; say so when the node is declared."""
     try:
@@ -166,7 +171,7 @@ class Int(WidgetSpec):
         return converted
 
     def _widget_options(self) -> dict[str, Any]:
-        options = {k: v for k, v in (("min", self.min), ("max", self.max), ("step", self.step)) if v is not None}
+        options = _given(min=self.min, max=self.max, step=self.step)
         if self.control_after_generate:
             options["control_after_generate"] = True
         return options
@@ -226,8 +231,7 @@ class Float(WidgetSpec):
         return converted
 
     def _widget_options(self) -> dict[str, Any]:
-        pairs = (("min", self.min), ("max", self.max), ("step", self.step), ("round", self.round))
-        return {k: v for k, v in pairs if v is not None}
+        return _given(min=self.min, max=self.max, step=self.step, round=self.round)
 
 
 @dataclass(frozen=True)
@@ -278,7 +282,7 @@ class Boolean(WidgetSpec):
         raise self._invalid(value)
 
     def _widget_options(self) -> dict[str, Any]:
-        return {k: v for k, v in (("label_on", self.label_on), ("label_off", self.label_off)) if v is not None}
+        return _given(label_on=self.label_on, label_off=self.label_off)
 
 
 # A fixed list, or a callable evaluated at request time: with no parameters, or with the run's RunSettings
