@@ -20,9 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .noise import splitmix64, to_device
-
-_MASK64 = (1 << 64) - 1
+from .noise import MAX_SEED, splitmix64, to_device
 
 
 class BrownianTree:
@@ -44,7 +42,7 @@ class BrownianTree:
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.min_width = tolerance * (self.t1 - self.t0)
-        self.root_key = splitmix64(seed & _MASK64)
+        self.root_key = splitmix64(seed & MAX_SEED)
         self.w1 = self._normal(splitmix64(self.root_key ^ 0x5DEECE66D)) * math.sqrt(self.t1 - self.t0)
         self._cache: OrderedDict[int, Tensor] = OrderedDict()
         self.cache_size = cache_size
@@ -85,9 +83,9 @@ class BrownianTree:
             mid = 0.5 * (a + b)
             w_mid = self._midpoint(key, width, w_a, w_b)
             if t < mid:
-                b, w_b, key = mid, w_mid, splitmix64((key * 2 + 1) & _MASK64)
+                b, w_b, key = mid, w_mid, splitmix64((key * 2 + 1) & MAX_SEED)
             else:
-                a, w_a, key = mid, w_mid, splitmix64((key * 2 + 2) & _MASK64)
+                a, w_a, key = mid, w_mid, splitmix64((key * 2 + 2) & MAX_SEED)
 
 
 class BrownianTreeNoiseSampler:
