@@ -110,9 +110,12 @@ class DiscreteModelSampling(ModelSampling):
         if config.zero_terminal_snr:
             sigmas = zero_terminal_snr_sigmas(sigmas)
         # ComfyUI builds the table in float64 and keeps float32 (8.1); all lookups below use these values.
-        self.sigmas = sigmas.float()
-        self._log_sigmas = self.sigmas.double().log()
-        self._sigma_list = self.sigmas.tolist()
+        self._set_table(sigmas.float())
+
+    def _set_table(self, sigmas: Tensor) -> None:
+        self.sigmas = sigmas
+        self._log_sigmas = sigmas.double().log()
+        self._sigma_list = sigmas.tolist()
         self._log_sigma_list = self._log_sigmas.tolist()
 
     @property
@@ -180,10 +183,7 @@ class LCMModelSampling(DiscreteModelSampling):
         self.skip = len(full) // self.original_timesteps
         # Valid timesteps are 999, 979, ..., 19 (every skip-th, counted down from the last).
         valid = [full[len(full) - 1 - k * self.skip] for k in range(self.original_timesteps)][::-1]
-        self.sigmas = torch.tensor(valid, dtype=torch.float32)
-        self._log_sigmas = self.sigmas.double().log()
-        self._sigma_list = self.sigmas.tolist()
-        self._log_sigma_list = self._log_sigmas.tolist()
+        self._set_table(torch.tensor(valid, dtype=torch.float32))
 
     def timestep(self, sigma: float) -> float:
         index = super().timestep(sigma)
