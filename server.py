@@ -295,11 +295,11 @@ class Server:
         folder = request.match_info["folder"]
         if folder not in MODEL_FOLDERS:
             raise web.HTTPNotFound(text=f"unknown model folder {folder!r}")
-        return web.json_response(model_files(self.settings.models_dir, folder))
+        return web.json_response(model_files(self.settings.model_roots, folder))
 
     async def embeddings(self, request: web.Request) -> web.Response:
         return web.json_response([Path(name).with_suffix("").as_posix()
-                                  for name in model_files(self.settings.models_dir, "embeddings")])
+                                  for name in model_files(self.settings.model_roots, "embeddings")])
 
     # --- routes: the system --------------------------------------------------------------------------------
     async def system_stats(self, request: web.Request) -> web.Response:

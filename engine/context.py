@@ -18,6 +18,9 @@ class RunSettings:
     """Folders and device for a run. The engine never reads them; it hands them to nodes and hooks."""
 
     models_dir: Path = Path("models")
+    #: More model roots searched after `models_dir` (ComfyUI's extra_model_paths): a shared library of
+    #: checkpoints on another disk. Files under several roots are listed once; the first root wins.
+    extra_models_dirs: tuple[Path, ...] = ()
     input_dir: Path = Path("input")
     output_dir: Path = Path("output")
     temp_dir: Path = Path("temp")
@@ -28,6 +31,11 @@ class RunSettings:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         for name in ("models_dir", "input_dir", "output_dir", "temp_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "extra_models_dirs", tuple(Path(p) for p in self.extra_models_dirs))
+
+    @property
+    def model_roots(self) -> tuple[Path, ...]:
+        return (self.models_dir, *self.extra_models_dirs)
 
     def folder_for(self, kind: str) -> Path:
         """The folder behind a `ui` file entry's `type` ("output", "input" or "temp")."""

@@ -6,8 +6,9 @@ their COMBO options from here and the server's `/models` routes describe the sam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
-from engine.paths import list_files
+from engine.paths import UnsafePathError, list_files, resolve_inside
 
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pt2", ".pth", ".bin")
 
@@ -25,12 +26,42 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def model_files(models_dir: str | Path, kind: str) -> list[str]:
-    """File names of one kind, relative to its folder, sorted; files found under several spellings once."""
+def _roots(models_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(models_dirs, (str, Path)):
+        return [Path(models_dirs)]
+    return [Path(root) for root in models_dirs]
+
+
+def model_files(models_dirs: str | Path | Iterable[str | Path], kind: str) -> list[str]:
+    """File names of one kind, relative to its folder, sorted; a name found under several roots or
+    spellings is listed once. `models_dirs` is one models root or several (RunSettings.model_roots)."""
     if kind not in MODEL_FOLDERS:
         raise KeyError(f"unknown model folder kind {kind!r}; known: {', '.join(MODEL_FOLDERS)}")
     extensions = (".yaml", ".yml") if kind == "configs" else MODEL_EXTENSIONS
     names: set[str] = set()
-    for folder in MODEL_FOLDERS[kind]:
-        names.update(list_files(Path(models_dir) / folder, extensions))
+    for root in _roots(models_dirs):
+        for folder in MODEL_FOLDERS[kind]:
+            names.update(list_files(root / folder, extensions))
     return sorted(names)
+
+
+def find_model_file(models_dirs: str | Path | Iterable[str | Path], kind: str, name: str) -> Path:
+    """The file behind a COMBO value: the first root and folder spelling that has it, resolved safely.
+
+    Raises UnsafePathError for names that would leave the folder and FileNotFoundError (naming every
+    folder searched) when no root has it; node code turns both into the node's error message.
+    """
+    if kind not in MODEL_FOLDERS:
+        raise KeyError(f"unknown model folder kind {kind!r}; known: {', '.join(MODEL_FOLDERS)}")
+    searched = []
+    for root in _roots(models_dirs):
+        for folder in MODEL_FOLDERS[kind]:
+            base = root / folder
+            candidate = resolve_inside(base, name)
+            if candidate.exists():
+                return candidate
+            searched.append(str(base))
+    raise FileNotFoundError(f"{name!r} is not in the {kind} folder ({', '.join(searched)})")
+
+
+__all__ = ["MODEL_EXTENSIONS", "MODEL_FOLDERS", "UnsafePathError", "find_model_file", "model_files"]
