@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEVICES = ("auto", "cpu", "cuda")
+PREVIEW_MODES = ("auto", "none", "latent2rgb")
 
 
 class Interrupted(Exception):
@@ -25,10 +26,15 @@ class RunSettings:
     output_dir: Path = Path("output")
     temp_dir: Path = Path("temp")
     device: str = "auto"
+    #: Live sampler previews: "none" sends none; "auto" and "latent2rgb" send a cheap linear latent->RGB
+    #: projection (the only method so far; "auto" will pick a better one when there is one).
+    preview: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.preview not in PREVIEW_MODES:
+            raise ValueError(f"preview must be one of {PREVIEW_MODES}, got {self.preview!r}")
         for name in ("models_dir", "input_dir", "output_dir", "temp_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "extra_models_dirs", tuple(Path(p) for p in self.extra_models_dirs))

@@ -95,6 +95,9 @@ class ModelHandle:
     family: str  # "sd1", "sd2", ...
     patches: PatchSet = field(default_factory=dict)
     encode_y: Any = None  # diffusion.sampling.guidance.EncodeY for models with class/size conditioning
+    #: [latent_channels + 1, 3] float32: a linear latent -> RGB (-1..1) projection for live previews, last
+    #: row the bias (diffusion/latent_preview.py fits it from the checkpoint's own VAE). None: no previews.
+    preview_factors: Tensor | None = None
 
     @property
     def nbytes(self) -> int:
