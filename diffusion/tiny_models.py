@@ -56,6 +56,11 @@ _NORMS = (nn.GroupNorm, nn.LayerNorm)
 # to skip, and into the diffusers scheduler config.
 _SCHEDULE = DiscreteConfig()
 
+#: Safetensors metadata key under which tiny single files record their head layout (HeadOverrides as JSON):
+#: head counts are not in the weights, and the family rule assumes real widths.
+HEAD_OVERRIDES_METADATA = "sdgraph.head_overrides"
+_OVERRIDE_FIELDS = frozenset(field.name for field in dataclasses.fields(HeadOverrides))
+
 
 def tiny_unet_config(family: str, *, inpaint: bool = False) -> UNetConfig:
     config = {"sd1": TINY_SD1_UNET, "sd2": TINY_SD2_UNET}[_check_family(family)]
@@ -159,8 +164,43 @@ def write_tiny_checkpoint(
     """A single `.safetensors` file in LDM layout: UNet, VAE, text encoder, schedule and EMA leftovers."""
     path = Path(path)
     tensors = tiny_checkpoint_tensors(family, seed=seed, v_prediction=v_prediction, inpaint=inpaint)
-    save_file(_cast(tensors, dtype), str(path), metadata={"format": "pt"})
+    metadata = {"format": "pt", HEAD_OVERRIDES_METADATA: json.dumps(dataclasses.asdict(tiny_overrides(family)))}
+    save_file(_cast(tensors, dtype), str(path), metadata=metadata)
     return path
+
+
+def write_tiny_legacy_checkpoint(
+    path: str | os.PathLike, family: str = "sd1", *, seed: int = 0, v_prediction: bool = False
+) -> Path:
+    """The same tensors as write_tiny_checkpoint as a legacy `.ckpt` pickle (`{"state_dict": ...}`), the
+    layout CompVis-era files have; diffusion/legacy_pickle.py reads it with the restricted unpickler."""
+    path = Path(path)
+    tensors = tiny_checkpoint_tensors(family, seed=seed, v_prediction=v_prediction)
+    torch.save({"state_dict": tensors, "global_step": 0}, path)
+    return path
+
+
+def head_overrides_from_metadata(metadata: Mapping[str, str]) -> HeadOverrides | None:
+    """The head layout a file written by write_tiny_checkpoint records in its safetensors metadata."""
+    recorded = metadata.get(HEAD_OVERRIDES_METADATA)
+    if recorded is None:
+        return None
+    try:
+        fields = json.loads(recorded)
+        return HeadOverrides(**{name: fields[name] for name in fields if name in _OVERRIDE_FIELDS})
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"metadata {HEAD_OVERRIDES_METADATA} is not a head layout: {error}") from None
+
+
+def tiny_overrides_for_widths(shapes: Mapping[str, tuple[int, ...]], family: str) -> HeadOverrides | None:
+    """tiny_overrides(family) when a file's text encoder and UNet have exactly the tiny widths (32, which
+    no real model has): files without metadata (legacy pickles, older tiny files) still load unaided."""
+    text_widths = {shape[-1] for key, shape in shapes.items() if key.endswith("token_embedding.weight")}
+    unet_width = shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0,))[0]
+    tiny_width = tiny_text_config(family).hidden_size if family in FAMILIES else None
+    if text_widths == {tiny_width} and unet_width == tiny_unet_config(family).model_channels:
+        return tiny_overrides(family)
+    return None
 
 
 def write_tiny_vae(
