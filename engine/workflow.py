@@ -16,6 +16,9 @@ from typing import Any, Iterator, Mapping
 
 import jsonschema
 
+from engine.schema import Registry
+from engine.ui_workflow import UIWorkflowError, is_ui_workflow, ui_to_api
+
 PROMPT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": {
@@ -137,25 +140,77 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def load_prompt_file(path: str | Path) -> dict[str, Any]:
     """Read an API prompt from a JSON file, a `POST /prompt` body or a PNG saved by SaveImage (its `prompt`
-    text chunk). UI-format workflows (what the editor saves) are refused by name."""
-    try:
-        raw = Path(path).read_bytes()
-        text = png_text_chunks(raw).get("prompt") if raw.startswith(PNG_SIGNATURE) else raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise PromptFormatError([f"{path}: cannot read: {error}"]) from error
-    if text is None:
+    text chunk). UI-format workflows (what the editor saves) are refused by name: converting them needs the
+    node schemas, which `read_workflow_file` takes."""
+    document, from_png = _read_document(path, f"{path}")
+    if from_png and document.prompt is None:
         raise PromptFormatError([f"{path}: this PNG carries no 'prompt' metadata to run"])
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise PromptFormatError([f"{path}: not valid JSON: {error}"]) from error
-    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
+    if is_ui_workflow(document.prompt):
         raise PromptFormatError([f"{path}: this is a UI-format workflow (the editor's 'Save'); "
                                  "export it with 'Save (API)' to run it"])
-    body = data.get("prompt") if isinstance(data, dict) else None
-    if isinstance(body, dict) and "class_type" not in body:
-        data = body  # the body of a POST /prompt request, not a node with id "prompt"
-    return data
+    return document.prompt
+
+
+@dataclass(frozen=True)
+class WorkflowDocument:
+    """What a workflow file holds: the API prompt to run and, when known, the editor's UI workflow, which
+    belongs in `extra_data.extra_pnginfo.workflow` so the images saved from it carry it on."""
+
+    prompt: Any
+    ui_workflow: dict[str, Any] | None = None
+
+
+def read_workflow_file(source: str | Path | bytes, registry: Registry) -> dict[str, Any]:
+    """The API prompt in an API JSON file, a `POST /prompt` body, a UI-format JSON (converted with the node
+    schemas of `registry`) or a PNG (its `prompt` chunk, else its `workflow` chunk converted)."""
+    return load_workflow_document(source, registry).prompt
+
+
+def load_workflow_document(source: str | Path | bytes, registry: Registry) -> WorkflowDocument:
+    """As `read_workflow_file`, keeping the UI workflow that came with the prompt (see WorkflowDocument)."""
+    name = "workflow data" if isinstance(source, bytes) else str(source)
+    document, from_png = _read_document(source, name)
+    if is_ui_workflow(document.prompt):
+        return _converted(document.prompt, registry, name)
+    if from_png and document.prompt is None:
+        if document.ui_workflow is None:
+            raise PromptFormatError([f"{name}: this PNG carries neither 'prompt' nor 'workflow' metadata"])
+        return _converted(document.ui_workflow, registry, name)
+    return document
+
+
+def _converted(ui_workflow: dict[str, Any], registry: Registry, name: str) -> WorkflowDocument:
+    try:
+        return WorkflowDocument(ui_to_api(ui_workflow, registry), ui_workflow)
+    except UIWorkflowError as problem:
+        raise PromptFormatError([f"{name}: {p}" for p in problem.problems]) from problem
+
+
+def _read_document(source: str | Path | bytes, name: str) -> tuple[WorkflowDocument, bool]:
+    """The document, and whether it came from a PNG."""
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+        from_png = raw.startswith(PNG_SIGNATURE)
+        texts = png_text_chunks(raw) if from_png else {"prompt": raw.decode("utf-8")}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise PromptFormatError([f"{name}: cannot read: {error}"]) from error
+    decoded = {key: _json(texts[key], f"{name}: its '{key}' chunk" if from_png else name)
+               for key in ("prompt", "workflow") if key in texts}
+    prompt, ui_workflow = decoded.get("prompt"), decoded.get("workflow")
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), dict) and "class_type" not in prompt["prompt"]:
+        # the body of a POST /prompt request (not a node with id "prompt"), maybe with the UI workflow
+        extra_data = prompt.get("extra_data")
+        pnginfo = extra_data.get("extra_pnginfo") if isinstance(extra_data, dict) else None
+        ui_workflow = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
+        prompt = prompt["prompt"]
+    return WorkflowDocument(prompt, ui_workflow if is_ui_workflow(ui_workflow) else None), from_png
+
+
+def _json(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PromptFormatError([f"{name}: not valid JSON: {error}"]) from error
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
