@@ -1,51 +1,66 @@
 """sdgraph's HTTP and websocket server: ComfyUI's API (comfyui-interface.md sections 6-8) over the engine.
 
-A thin layer: the engine validates, runs and caches; the queue keeps items and history; this module turns
-HTTP requests into calls on them and engine events into websocket messages. One worker thread runs
-prompts one at a time; the aiohttp event loop never blocks on a node. Every route is also served under
-`/api/`, as ComfyUI's current frontend calls it.
+A thin layer: the engine validates, runs and caches; the queue keeps items and history (in SQLite, so they
+survive restarts); this module turns HTTP requests into calls on them and engine events into websocket
+messages. One worker thread runs prompts one at a time; the aiohttp event loop never blocks on a node.
+Every route is also served under `/api/`, as ComfyUI's current frontend calls it.
 
 Safety: requests whose `Origin` host differs from `Host` are refused (ComfyUI's protection of a loopback
-server against cross-site requests). A loopback server also refuses `Host` names other than its own: a page
-on a rebinding DNS name would otherwise pass the origin check with matching names (DNS rebinding). Every
-file name from a request goes through `resolve_inside`.
+server against cross-site requests). A loopback server also refuses `Host` names other than its own (DNS
+rebinding). With an auth token every route needs `Authorization: Bearer TOKEN`; browsers may instead open
+`/?token=TOKEN` once (which sets a SameSite=Strict cookie) or pass `?token=` to `/ws` and `/view`. Every
+file name from a request goes through `resolve_inside`; JSON bodies, uploads and the queue are bounded.
+
+Shutdown (SIGTERM or SIGINT): the running prompt is interrupted at its next progress tick or node boundary
+(a node without ticks finishes first) and goes back to the pending queue to run first on the next start;
+websockets are closed with "going away"; the database is closed after its last commit.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
+import importlib.metadata
 import ipaddress
 import json
 import logging
-import mimetypes
 import os
 import platform
 import sys
 import threading
+import time
 import traceback
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from engine import folder_files
 
 from engine import Executor, Registry, RunSettings, ValidationResult, validate_prompt
 from engine.events import Event, ExecutionError, ExecutionStart, Executing, Progress
 from engine.model_folders import MODEL_FOLDERS, model_files
-from engine.paths import UnsafePathError, resolve_inside
-from engine.queue import PromptQueue, QueueItem
+from engine.folder_files import MAX_UPLOAD_BYTES, FileRequestError
+from engine.paths import UnsafePathError
+from engine.queue import ClientQueueFull, DuplicatePrompt, PromptQueue, QueueFull, QueueItem
 
 log = logging.getLogger("sdgraph.server")
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"
-#: Messages a history entry's `status.messages` keeps, as ComfyUI's does.
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+#: Messages a history entry's `status.messages` keeps, as ComfyUI's does.
 HISTORY_MESSAGES = {"execution_start", "execution_cached", "execution_success", "execution_error",
                     "execution_interrupted"}
-MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+MAX_JSON_BYTES = 32 * 1024 * 1024  # a workflow with its UI graph in extra_pnginfo is a few MB at most
 PREVIEW_FORMATS = {"JPEG": 1, "PNG": 2}
-#: Content types `/view` shows in the browser; anything else is sent as a download.
-INLINE_MEDIA = ("image/", "video/", "audio/")
+#: At most this many binary previews a second per prompt; more only cost bandwidth.
+PREVIEWS_PER_SECOND = 4
+TOKEN_COOKIE = "sdgraph_token"
+#: GET routes a browser opens directly (a page, an <img>, a WebSocket), where it cannot set a header.
+TOKEN_IN_QUERY = {"/", "/ws", "/view", "/api/ws", "/api/view"}
+DEFAULT_DATABASE = ".sdgraph-queue.sqlite3"
+BUILD_HINT = "npm --prefix web ci && npm --prefix web run build"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,25 +69,40 @@ class Server:
     """The server's state: executor, queue, connected websockets and the worker thread."""
 
     def __init__(self, settings: RunSettings, registry: Registry, executor: Executor | None = None,
-                 allowed_hosts: Iterable[str] | None = None) -> None:
-        """`allowed_hosts`: the host names requests may address (None: any, for a server on a LAN)."""
+                 allowed_hosts: Iterable[str] | None = None, *, database: str | Path | None = None,
+                 auth_token: str | None = None, free_models: Callable[[], None] | None = None,
+                 web_root: Path = WEB_ROOT, max_pending: int | None = None) -> None:
+        """`allowed_hosts`: the host names requests may address (None: any, for a server on a LAN).
+        `database`: the queue's SQLite file (default `.sdgraph-queue.sqlite3` in the output folder;
+        ":memory:" keeps nothing). `free_models`: called by `POST /free` to release loaded models."""
         self.settings = settings
         self.registry = registry
         self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
+        self.auth_token = auth_token or None
+        self.free_models = free_models
+        self.web_root = web_root
         self.executor = executor or Executor(registry, settings=settings)
-        self.queue = PromptQueue(on_change=self._queue_changed)
+        self.database = database if database is not None else settings.output_dir / DEFAULT_DATABASE
+        limits = {} if max_pending is None else {"max_pending": max_pending}
+        self.queue = PromptQueue(self.database, on_change=self._queue_changed, **limits)
+        for prompt_id in self.queue.recovered_failures:
+            log.warning("prompt %s was running at two crashes in a row; marked failed", prompt_id)
         self.executor.subscribe(self._on_event)
         self.sockets: dict[str, set[asyncio.Queue]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._current: QueueItem | None = None
+        self._current_node: str | None = None
+        self._last_preview = 0.0
         self._messages: list[tuple[str, dict[str, Any]]] = []
+        self._open_sockets: set[web.WebSocketResponse] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[known_hosts_only(self.allowed_hosts), same_origin_only],
-                              client_max_size=MAX_UPLOAD_BYTES)
+        app = web.Application(middlewares=[known_hosts_only(self.allowed_hosts), same_origin_only,
+                                           token_required(self.auth_token)],
+                              client_max_size=MAX_UPLOAD_BYTES + 1024 * 1024)
         routes = [
             ("GET", "/object_info", self.object_info), ("GET", "/object_info/{node_class}", self.object_info_one),
             ("POST", "/prompt", self.post_prompt), ("GET", "/prompt", self.get_prompt),
@@ -80,19 +110,21 @@ class Server:
             ("GET", "/history", self.get_history), ("GET", "/history/{prompt_id}", self.get_history_entry),
             ("POST", "/history", self.post_history), ("POST", "/interrupt", self.post_interrupt),
             ("POST", "/free", self.post_free), ("GET", "/view", self.view),
-            ("POST", "/upload/image", self.upload_image), ("GET", "/system_stats", self.system_stats),
-            ("GET", "/features", self.features), ("GET", "/models", self.models),
-            ("GET", "/models/{folder}", self.models_in), ("GET", "/embeddings", self.embeddings),
-            ("GET", "/ws", self.websocket),
+            ("POST", "/upload/image", self.upload_image), ("POST", "/upload/mask", self.upload_mask),
+            ("GET", "/system_stats", self.system_stats), ("GET", "/features", self.features),
+            ("GET", "/models", self.models), ("GET", "/models/{folder}", self.models_in),
+            ("GET", "/embeddings", self.embeddings), ("GET", "/ws", self.websocket),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
             app.router.add_route(method, "/api" + path, handler)
         app.router.add_get("/", self.index)
-        if WEB_ROOT.is_dir():
-            app.router.add_static("/web/", WEB_ROOT, follow_symlinks=False)
+        if self.web_root.is_dir():
+            app.router.add_static("/web/", self.web_root, follow_symlinks=False)
+        app.router.add_get("/{name:.+}", self.editor_file)  # the built editor's assets; last, after the API
         app.on_startup.append(self._start)
-        app.on_cleanup.append(self._stop)
+        app.on_shutdown.append(self._shutdown)
+        app.on_cleanup.append(self._close)
         return app
 
     async def _start(self, app: web.Application) -> None:
@@ -103,11 +135,18 @@ class Server:
         self._worker = threading.Thread(target=self._work, name="sdgraph-worker", daemon=True)
         self._worker.start()
 
-    async def _stop(self, app: web.Application) -> None:
+    async def _shutdown(self, app: web.Application) -> None:
+        """Stop the worker first (its prompt goes back to the queue), then close every websocket."""
         self._stopping.set()
         self.executor.interrupt()
         if self._worker is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._worker.join, 10)
+            await asyncio.get_running_loop().run_in_executor(None, self._worker.join, 30)
+        for socket in list(self._open_sockets):
+            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+    async def _close(self, app: web.Application) -> None:
+        await self._shutdown(app)
+        self.queue.close()
 
     # --- the worker thread ---------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -115,26 +154,35 @@ class Server:
             item = self.queue.take(timeout=0.2)
             if item is None:
                 continue
-            self._current, self._messages = item, []
-            outputs: dict[str, Any] = {}
-            status = "error"
-            try:
-                result = self.executor.execute(item.prompt, item.prompt_id, item.outputs_to_execute or None,
-                                               item.extra_data)
-                outputs, status = result.outputs, ("success" if result.ok else "error")
-                if result.status == "invalid":
-                    self._report_invalid(item, result.validation)
-            except Exception as crash:  # the engine reports node failures itself; this is a bug, not a node error
-                log.exception("prompt %s crashed the executor", item.prompt_id)
-                self._on_event(ExecutionError(item.prompt_id, exception_message=str(crash),
-                                              exception_type=type(crash).__name__,
-                                              traceback=traceback.format_exception(crash)))
-            finally:
+            if self._stopping.is_set():
+                self.queue.requeue(item)
+                return
+            self._run(item)
+
+    def _run(self, item: QueueItem) -> None:
+        self._current, self._current_node, self._messages, self._last_preview = item, None, [], 0.0
+        outputs: dict[str, Any] = {}
+        status = "error"
+        try:
+            result = self.executor.execute(item.prompt, item.prompt_id, item.outputs_to_execute or None,
+                                           item.extra_data)
+            if result.status == "interrupted" and self._stopping.is_set():
                 self._current = None
-                self.queue.finish(item, outputs, status, self._messages, notify=False)
-                # Only now that the history entry exists: ComfyUI's clients read /history/{id} on this message.
-                self._post(item.client_id, {"type": "executing", "data": Executing(item.prompt_id, None).data()})
-                self._queue_changed()
+                self.queue.requeue(item)  # stopped by the shutdown, not by its user: it runs again
+                return
+            outputs, status = result.outputs, ("success" if result.ok else "error")
+            if result.status == "invalid":
+                self._report_invalid(item, result.validation)
+        except Exception as crash:  # the engine reports node failures itself; this is a bug, not a node error
+            log.exception("prompt %s crashed the executor", item.prompt_id)
+            self._on_event(ExecutionError(item.prompt_id, exception_message=str(crash),
+                                          exception_type=type(crash).__name__,
+                                          traceback=traceback.format_exception(crash)))
+        self._current = None
+        self.queue.finish(item, outputs, status, self._messages, notify=False)
+        # Only now that the history entry exists: ComfyUI's clients read /history/{id} on this message.
+        self._post(item.client_id, {"type": "executing", "data": Executing(item.prompt_id, None).data()})
+        self._queue_changed()
 
     def _report_invalid(self, item: QueueItem, validation: ValidationResult) -> None:
         """A prompt valid when queued but not when its turn came (say a model file was deleted meanwhile)
@@ -148,6 +196,8 @@ class Server:
 
     def _on_event(self, event: Event) -> None:
         """Called on the worker thread for every engine event of the running prompt."""
+        if isinstance(event, Executing):
+            self._current_node = event.node
         if not event.comfyui or (isinstance(event, Executing) and event.node is None):
             return  # the worker sends the final `executing` itself, after the history entry is written
         data = event.data()
@@ -155,10 +205,13 @@ class Server:
             self._messages.append((event.type, data))
         client_id = self._current.client_id if self._current else None
         self._post(client_id, {"type": event.type, "data": data})
-        if isinstance(event, Progress) and event.preview is not None:
-            frame = preview_frame(event.preview)
-            if frame is not None:
-                self._post(client_id, frame)
+        if isinstance(event, Progress) and event.preview is not None and self.settings.preview != "none":
+            now = time.monotonic()
+            if now - self._last_preview >= 1 / PREVIEWS_PER_SECOND:
+                frame = preview_frame(event.preview)
+                if frame is not None:
+                    self._last_preview = now
+                    self._post(client_id, frame)
 
     def _queue_changed(self) -> None:
         self._post(None, self.status_message())
@@ -194,20 +247,31 @@ class Server:
     async def post_prompt(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         prompt = body.get("prompt")
-        targets = body.get("partial_execution_targets")
+        extra_data, prompt_id = body.get("extra_data") or {}, body.get("prompt_id")
+        if not isinstance(extra_data, dict):
+            raise json_error(web.HTTPBadRequest, "invalid_prompt", "'extra_data' must be a JSON object")
+        if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id.strip()):
+            raise json_error(web.HTTPBadRequest, "invalid_prompt", "'prompt_id' must be a non-empty string")
         validation = await asyncio.get_running_loop().run_in_executor(
-            None, validate_prompt, prompt, self.registry, targets, self.settings)
+            None, validate_prompt, prompt, self.registry, body.get("partial_execution_targets"), self.settings)
         answer = validation.to_json()
         if not validation.ok:
             return web.json_response(answer, status=400)
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        extra_data = dict(body.get("extra_data") or {})
+        extra_data = dict(extra_data)
         if body.get("client_id") is not None:
             extra_data["client_id"] = str(body["client_id"])
         number = body.get("number")
-        item = self.queue.put(prompt_id, prompt, extra_data, list(validation.outputs), front=bool(body.get("front")),
-                              number=float(number) if isinstance(number, (int, float)) else None)
-        return web.json_response({"prompt_id": prompt_id, "number": item.number,
+        number = float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
+        try:
+            item = self.queue.put(prompt_id or str(uuid.uuid4()), prompt, extra_data, list(validation.outputs),
+                                  front=bool(body.get("front")), number=number)
+        except ClientQueueFull as full:
+            raise json_error(web.HTTPTooManyRequests, "client_queue_full", str(full))
+        except QueueFull as full:
+            raise json_error(web.HTTPServiceUnavailable, "queue_full", str(full), headers={"Retry-After": "5"})
+        except DuplicatePrompt as duplicate:
+            raise json_error(web.HTTPBadRequest, "duplicate_prompt_id", str(duplicate))
+        return web.json_response({"prompt_id": item.prompt_id, "number": item.number,
                                   "node_errors": answer["node_errors"]})
 
     async def get_prompt(self, request: web.Request) -> web.Response:
@@ -240,53 +304,42 @@ class Server:
         return web.Response(status=200)
 
     async def post_free(self, request: web.Request) -> web.Response:
+        """Both flags drop cached node results (which hold the loaded models); `free_models` then lets the
+        model manager release what it still holds."""
         body = await json_body(request, allow_empty=True)
         if body.get("free_memory") or body.get("unload_models"):
             self.executor.cache.clear()
+            if self.free_models is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.free_models)
         return web.Response(status=200)
 
     # --- routes: files ---------------------------------------------------------------------------------------
     async def view(self, request: web.Request) -> web.StreamResponse:
-        query = request.query
-        filename = query.get("filename", "")
-        if not filename:
-            raise web.HTTPBadRequest(text="view needs a filename")
-        try:
-            folder = self.settings.folder_for(query.get("type", "output"))
-            path = resolve_inside(folder, str(Path(query.get("subfolder", "")) / filename))
-        except (ValueError, UnsafePathError) as problem:
-            raise web.HTTPForbidden(text=str(problem))
-        if not path.is_file():
-            raise web.HTTPNotFound(text=f"no file {filename!r} in {query.get('type', 'output')}")
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        disposition = "inline"
-        if not content_type.startswith(INLINE_MEDIA) or content_type == "image/svg+xml":
-            # Pages and SVGs run scripts with this server's origin: anything but plain media is a download.
-            content_type, disposition = "application/octet-stream", "attachment"
-        return web.FileResponse(path, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff",
-                                               "Content-Disposition": f'{disposition}; filename="{path.name}"'})
+        answer = await in_thread(folder_files.view, self.settings, dict(request.query))
+        headers = {"Content-Type": answer.content_type, "X-Content-Type-Options": "nosniff",
+                   "Content-Disposition": f'{answer.disposition}; filename="{answer.filename}"'}
+        if answer.path is not None:
+            return web.FileResponse(answer.path, headers=headers)
+        return web.Response(body=answer.content, headers=headers)
 
     async def upload_image(self, request: web.Request) -> web.Response:
-        fields = await request.post()
+        return await self._upload(request, mask=False)
+
+    async def upload_mask(self, request: web.Request) -> web.Response:
+        return await self._upload(request, mask=True)
+
+    async def _upload(self, request: web.Request, mask: bool) -> web.Response:
+        try:
+            fields = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise json_error(web.HTTPRequestEntityTooLarge, "upload_too_large",
+                             f"uploads are limited to {MAX_UPLOAD_BYTES} bytes")
         upload = fields.get("image")
         if not isinstance(upload, web.FileField):
-            raise web.HTTPBadRequest(text="upload needs a multipart file field 'image'")
-        subfolder = str(fields.get("subfolder", ""))
-        name = Path(upload.filename or "").name
-        if not name:
-            raise web.HTTPBadRequest(text=f"upload needs a file name, got {upload.filename!r}")
-        overwrite = str(fields.get("overwrite", "")).lower() in ("true", "1")
-        try:
-            folder = self.settings.folder_for(str(fields.get("type", "input")))
-            target = resolve_inside(folder, str(Path(subfolder) / name))
-        except (ValueError, UnsafePathError) as problem:
-            raise web.HTTPForbidden(text=str(problem))
-        content = upload.file.read()
-        target = free_name(target, content, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-        return web.json_response({"name": target.name, "subfolder": subfolder,
-                                  "type": str(fields.get("type", "input"))})
+            raise json_error(web.HTTPBadRequest, "bad_file_request", "upload needs a multipart file field 'image'")
+        text_fields = {name: value for name, value in fields.items() if isinstance(value, str)}
+        return web.json_response(await in_thread(folder_files.save_upload, self.settings, text_fields,
+                                                 upload.file.read(), upload.filename or "", mask))
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(sorted(MODEL_FOLDERS))
@@ -301,18 +354,36 @@ class Server:
         return web.json_response([Path(name).with_suffix("").as_posix()
                                   for name in model_files(self.settings.model_roots, "embeddings")])
 
-    # --- routes: the system --------------------------------------------------------------------------------
+    # --- routes: the system and the editor -----------------------------------------------------------------
     async def system_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(system_stats())
+        # Importing torch the first time takes seconds: not on the event loop.
+        stats = await asyncio.get_running_loop().run_in_executor(None, system_stats)
+        return web.json_response(stats)
 
     async def features(self, request: web.Request) -> web.Response:
         return web.json_response({"supports_preview_metadata": False, "max_upload_size": MAX_UPLOAD_BYTES})
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        page = WEB_ROOT / "index.html"
-        if not page.is_file():
-            raise web.HTTPNotFound(text="the editor is not installed (web/index.html is missing)")
-        return web.FileResponse(page)
+        """The built editor when web/dist exists; else the API console with a note on building it."""
+        built = self.web_root / "dist" / "index.html"
+        if built.is_file():
+            return web.FileResponse(built, headers={"Content-Type": "text/html; charset=utf-8"})
+        console = self.web_root / "index.html"
+        if not console.is_file():
+            raise web.HTTPNotFound(text=f"the editor is not installed; build it with: {BUILD_HINT}")
+        banner = ('<div style="grid-column:1/-1;padding:6px 10px;background:#fff3cd;border-bottom:1px solid #e0c36a">'
+                  f"The node editor is not built; this is the API console. Build the editor with "
+                  f"<code>{BUILD_HINT}</code> and reload.</div>")
+        page = console.read_text(encoding="utf-8").replace("<body>", "<body>\n" + banner, 1)
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
+
+    async def editor_file(self, request: web.Request) -> web.StreamResponse:
+        try:
+            path = folder_files.built_file(self.web_root / "dist", request.match_info["name"])
+        except (FileNotFoundError, UnsafePathError):
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Content-Type": folder_files.content_type_of(path),
+                                               "X-Content-Type-Options": "nosniff"})
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse(heartbeat=30)
@@ -320,7 +391,13 @@ class Server:
         client_id = request.query.get("clientId") or uuid.uuid4().hex
         outbox: asyncio.Queue = asyncio.Queue()
         self.sockets.setdefault(client_id, set()).add(outbox)
+        self._open_sockets.add(socket)
         outbox.put_nowait(self.status_message(sid=client_id))
+        running = self._current
+        if running is not None and running.client_id == client_id and self._current_node is not None:
+            # A client reconnecting mid-run learns where its prompt is, as with ComfyUI.
+            outbox.put_nowait({"type": "executing",
+                               "data": Executing(running.prompt_id, self._current_node).data()})
         sender = asyncio.create_task(send_loop(socket, outbox))
         try:
             async for message in socket:
@@ -328,6 +405,7 @@ class Server:
                     break
         finally:
             sender.cancel()
+            self._open_sockets.discard(socket)
             clients = self.sockets.get(client_id, set())
             clients.discard(outbox)
             if not clients:
@@ -349,12 +427,19 @@ async def send_loop(socket: web.WebSocketResponse, outbox: asyncio.Queue) -> Non
 
 def preview_frame(preview: Any) -> bytes | None:
     """A binary preview frame: big-endian event type 1, then the image format, then the encoded image.
-    Nodes pass previews as `(format, encoded_bytes)` with format "JPEG" or "PNG"."""
-    if isinstance(preview, tuple) and len(preview) == 2 and preview[0] in PREVIEW_FORMATS:
-        image_format, encoded = preview
-        return (1).to_bytes(4, "big") + PREVIEW_FORMATS[image_format].to_bytes(4, "big") + bytes(encoded)
-    return None
+    Nodes pass previews as `(format, encoded_bytes)` with format "JPEG" or "PNG"; a PIL image in place of
+    the bytes (and an optional third item, the largest side) is encoded here, as ComfyUI's nodes send."""
+    if not isinstance(preview, tuple) or len(preview) not in (2, 3) or preview[0] not in PREVIEW_FORMATS:
+        return None
+    image_format, encoded = preview[0], preview[1]
+    if not isinstance(encoded, (bytes, bytearray, memoryview)):
+        encoded = folder_files.encode_preview(encoded, image_format, preview[2] if len(preview) == 3 else 512)
+        if encoded is None:
+            return None
+    return (1).to_bytes(4, "big") + PREVIEW_FORMATS[image_format].to_bytes(4, "big") + bytes(encoded)
 
+
+# --- middlewares ---------------------------------------------------------------------------------------------
 
 def known_hosts_only(allowed: frozenset[str] | None) -> Any:
     @web.middleware
@@ -375,6 +460,39 @@ def allowed_hosts_for(bind_host: str, extra: Iterable[str] = ()) -> frozenset[st
     return LOOPBACK_NAMES | {bind_host.lower()} | {name.lower() for name in extra}
 
 
+@web.middleware
+async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    origin = request.headers.get("Origin")
+    if origin:  # "null" too: sandboxed iframes and data: pages send it, and they are cross-site
+        if urlsplit(origin).netloc.lower() != request.host.lower():
+            raise web.HTTPForbidden(text=f"cross-origin request from {origin} refused")
+    return await handler(request)
+
+
+def token_required(token: str | None) -> Any:
+    """Every route needs the token once one is set (see the module docstring for where it may travel)."""
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is None:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        offered = [header[7:].strip() if header.lower().startswith("bearer ") else "",
+                   request.cookies.get(TOKEN_COOKIE, "")]
+        in_query = request.method == "GET" and request.path in TOKEN_IN_QUERY and "token" in request.query
+        if in_query:
+            offered.append(request.query["token"])
+        if not any(candidate and hmac.compare_digest(candidate.encode(), token.encode()) for candidate in offered):
+            raise json_error(web.HTTPUnauthorized, "unauthorized",
+                             "this server needs its token: 'Authorization: Bearer TOKEN' (or ?token= on /, /ws "
+                             "and /view)", headers={"WWW-Authenticate": "Bearer"})
+        response = await handler(request)
+        if in_query and request.path == "/":
+            # The page's own requests then carry the token; SameSite=Strict keeps other sites from using it.
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", path="/")
+        return response
+    return check
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -384,26 +502,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@web.middleware
-async def same_origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    origin = request.headers.get("Origin")
-    if origin:  # "null" too: sandboxed iframes and data: pages send it, and they are cross-site
-        origin_host = urlsplit(origin).netloc
-        if origin_host.lower() != request.host.lower():
-            raise web.HTTPForbidden(text=f"cross-origin request from {origin} refused")
-    return await handler(request)
-
+# --- request bodies and errors --------------------------------------------------------------------------------------------
 
 async def json_body(request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
-    text = await request.text()
-    if not text.strip() and allow_empty:
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        raise json_error(web.HTTPRequestEntityTooLarge, "body_too_large",
+                         f"request bodies are limited to {MAX_JSON_BYTES} bytes")
+    raw = bytearray()
+    while chunk := await request.content.read(1 << 16):
+        raw += chunk
+        if len(raw) > MAX_JSON_BYTES:
+            raise json_error(web.HTTPRequestEntityTooLarge, "body_too_large",
+                             f"request bodies are limited to {MAX_JSON_BYTES} bytes")
+    if not raw.strip() and allow_empty:
         return {}
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError as problem:
-        raise web.HTTPBadRequest(text=f"request body is not JSON: {problem}")
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise json_error(web.HTTPBadRequest, "invalid_json", f"request body is not JSON: {problem}")
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="request body must be a JSON object")
+        raise json_error(web.HTTPBadRequest, "invalid_json", "request body must be a JSON object")
     return body
 
 
@@ -411,18 +529,32 @@ async def clear_or_delete(request: web.Request, clear: Callable[[], None],
                           delete: Callable[[list[str]], None]) -> web.Response:
     """`POST /queue` and `POST /history`: `{"clear": true}` and/or `{"delete": [prompt_id, ...]}`."""
     body = await json_body(request)
+    if "delete" in body and not isinstance(body["delete"], list):
+        raise json_error(web.HTTPBadRequest, "invalid_request", "'delete' must be a list of prompt ids")
     if body.get("clear"):
         clear()
     if "delete" in body:
-        delete([str(prompt_id) for prompt_id in list_field(body, "delete")])
+        delete([str(prompt_id) for prompt_id in body["delete"]])
     return web.Response(status=200)
 
 
-def list_field(body: dict[str, Any], name: str) -> list[Any]:
-    value = body[name]
-    if not isinstance(value, list):
-        raise web.HTTPBadRequest(text=f"'{name}' must be a list")
-    return value
+def json_error(kind: type[web.HTTPException], error_type: str, message: str,
+               headers: dict[str, str] | None = None) -> web.HTTPException:
+    """An HTTP error whose body has the shape of ComfyUI's prompt errors, so clients show `message`."""
+    body = {"error": {"type": error_type, "message": message, "details": "", "extra_info": {}}, "node_errors": {}}
+    return kind(text=json.dumps(body), content_type="application/json", headers=headers)
+
+
+async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """Run file work off the event loop, turning folder_files' refusals into 403, 404 and 400 answers."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+    except UnsafePathError as problem:
+        raise json_error(web.HTTPForbidden, "forbidden_path", str(problem))
+    except FileNotFoundError as problem:
+        raise json_error(web.HTTPNotFound, "file_not_found", str(problem))
+    except FileRequestError as problem:
+        raise json_error(web.HTTPBadRequest, "bad_file_request", str(problem))
 
 
 def int_query(request: web.Request, name: str, negative_is_none: bool = False) -> int | None:
@@ -436,22 +568,12 @@ def int_query(request: web.Request, name: str, negative_is_none: bool = False) -
     return None if negative_is_none and number < 0 else max(0, number)
 
 
-def free_name(target: Path, content: bytes, overwrite: bool) -> Path:
-    """ComfyUI's upload naming: reuse an identical file, else `name (1).png`, `name (2).png`, ..."""
-    if overwrite:
-        return target
-    candidate, counter = target, 1
-    while candidate.exists():
-        if candidate.read_bytes() == content:
-            return candidate
-        candidate = target.with_name(f"{target.stem} ({counter}){target.suffix}")
-        counter += 1
-    return candidate
-
-
 def system_stats() -> dict[str, Any]:
+    """ComfyUI's `/system_stats`: the system, versions and a device list (torch's view when installed)."""
+    versions = {"sdgraph": package_version("sdgraph"), "aiohttp": package_version("aiohttp")}
     stats: dict[str, Any] = {"system": {"os": platform.system().lower(), "python_version": sys.version,
-                                        "embedded_python": False, "argv": sys.argv}, "devices": []}
+                                        "embedded_python": False, "argv": sys.argv, "versions": versions,
+                                        "sdgraph_version": versions["sdgraph"]}, "devices": []}
     try:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         stats["system"]["ram_total"] = pages * page_size
@@ -462,15 +584,14 @@ def system_stats() -> dict[str, Any]:
         import torch  # the server itself needs no torch; the stats describe what the nodes will use
     except ImportError:
         return stats
-    stats["system"]["pytorch_version"] = torch.__version__
+    stats["system"]["pytorch_version"] = versions["torch"] = torch.__version__
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
+            reserved = torch.cuda.memory_reserved(index)
             stats["devices"].append({"name": torch.cuda.get_device_name(index), "type": "cuda", "index": index,
-                                     "vram_total": total, "vram_free": free,
-                                     "torch_vram_total": torch.cuda.memory_reserved(index),
-                                     "torch_vram_free": torch.cuda.memory_reserved(index)
-                                     - torch.cuda.memory_allocated(index)})
+                                     "vram_total": total, "vram_free": free, "torch_vram_total": reserved,
+                                     "torch_vram_free": reserved - torch.cuda.memory_allocated(index)})
     else:
         stats["devices"].append({"name": "cpu", "type": "cpu", "index": None,
                                  "vram_total": stats["system"].get("ram_total", 0),
@@ -479,12 +600,32 @@ def system_stats() -> dict[str, Any]:
     return stats
 
 
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --- running it ------------------------------------------------------------------------------------------------
+
 def serve(settings: RunSettings, host: str = "127.0.0.1", port: int = 8188, registry: Registry | None = None,
-          allow_hosts: Iterable[str] = ()) -> None:
-    """Run the server until interrupted (`sdgraph serve`). Bound to loopback, it answers only requests for
-    loopback names, its own host and `allow_hosts` (say a reverse proxy's name); bound to other addresses,
-    any name."""
+          allow_hosts: Iterable[str] = (), *, database: str | Path | None = None, auth_token: str | None = None,
+          executor: Executor | None = None, free_models: Callable[[], None] | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT (`sdgraph serve`). Bound to loopback, it answers only
+    requests for loopback names, its own host and `allow_hosts` (say a reverse proxy's name); bound to other
+    addresses, any name, and it warns when that happens without a token."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = Server(settings, registry or Registry(), allowed_hosts=allowed_hosts_for(host, allow_hosts))
-    log.info("sdgraph: %d node types; serving on http://%s:%d", len(server.registry), host, port)
-    web.run_app(server.app(), host=host, port=port, print=None)
+    if not is_loopback(host):
+        print(f"sdgraph: warning: listening on {host}: every machine that reaches this one can queue prompts "
+              f"and read your inputs and outputs" + ("" if auth_token else "; set --auth-token"),
+              file=sys.stderr, flush=True)
+    state = Server(settings, registry or Registry(), executor, allowed_hosts=allowed_hosts_for(host, allow_hosts),
+                   database=database, auth_token=auth_token, free_models=free_models)
+    log.info("sdgraph: %d node types; queue in %s; serving on http://%s:%d", len(state.registry),
+             state.database, host, port)
+    web.run_app(state.app(), host=host, port=port, print=None, shutdown_timeout=5)
+
+if __name__ == "__main__":
+    import cli  # `python server.py ARGS` is `sdgraph serve ARGS`
+    sys.exit(cli.main(["serve", *sys.argv[1:]]))

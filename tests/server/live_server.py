@@ -2,6 +2,7 @@
 `from conftest import ...` would find whichever test folder's conftest was imported first."""
 from __future__ import annotations
 
+import io
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,3 +24,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def png_bytes(color: tuple[int, ...] = (255, 0, 0), size: tuple[int, int] = (4, 4), mode: str = "RGB") -> bytes:
+    """A real PNG (uploads must be images) of one colour."""
+    from PIL import Image
+    encoded = io.BytesIO()
+    Image.new(mode, size, color).save(encoded, "PNG")
+    return encoded.getvalue()

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from live_server import LiveServer
+from live_server import LiveServer, png_bytes
 
 
 def run(coroutine: Any) -> Any:
@@ -220,14 +220,15 @@ def test_upload_keeps_identical_files_and_renames_clashes(live_server: LiveServe
             async with session.post(f"{live_server.url}/upload/image", data=form) as answer:
                 assert answer.status == 200, await answer.text()
                 return await answer.json()
-    assert run(upload(b"one")) == {"name": "cat.png", "subfolder": "", "type": "input"}
-    assert run(upload(b"one"))["name"] == "cat.png"
-    assert run(upload(b"two"))["name"] == "cat (1).png"
-    assert run(upload(b"three", overwrite="true"))["name"] == "cat.png"
-    assert (live_server.settings.input_dir / "cat.png").read_bytes() == b"three"
-    assert (live_server.settings.input_dir / "cat (1).png").read_bytes() == b"two"
-    escaped = run(upload(b"evil", name="../../evil.png"))["name"]
-    assert "/" not in escaped and (live_server.settings.input_dir / escaped).read_bytes() == b"evil"
+    one, two, three, evil = (png_bytes((shade, 0, 0)) for shade in (1, 2, 3, 4))
+    assert run(upload(one)) == {"name": "cat.png", "subfolder": "", "type": "input"}
+    assert run(upload(one))["name"] == "cat.png"
+    assert run(upload(two))["name"] == "cat (1).png"
+    assert run(upload(three, overwrite="true"))["name"] == "cat.png"
+    assert (live_server.settings.input_dir / "cat.png").read_bytes() == three
+    assert (live_server.settings.input_dir / "cat (1).png").read_bytes() == two
+    escaped = run(upload(evil, name="../../evil.png"))["name"]
+    assert "/" not in escaped and (live_server.settings.input_dir / escaped).read_bytes() == evil
     assert not (live_server.settings.input_dir.parent / "evil.png").exists()
 
 
