@@ -3,11 +3,12 @@
     sdgraph validate WORKFLOW.json
     sdgraph run WORKFLOW.json [--set NODE_ID.INPUT=VALUE ...] [--output-dir DIR] [--json] ...
     sdgraph nodes [--json] [CLASS ...]
-    sdgraph serve [--host 127.0.0.1] [--port 8188] [folder options]
+    sdgraph serve [--listen 127.0.0.1] [--port 8188] [--auth-token T] [--database PATH] [folder options]
 
 Node types come from the `nodes` package plus every `--nodes MODULE` (a dotted name, a `.py` file or a
 package folder; repeatable) and the comma-separated SDGRAPH_NODE_MODULES variable: that is also how
-custom nodes are installed. Exit status: 0 success, 1 invalid workflow or failed run, 2 bad usage,
+custom nodes are installed. `--models-dir` may be given several times: the first folder is where models
+are looked for first (and where new ones belong), the later ones are searched after it. Exit status: 0 success, 1 invalid workflow or failed run, 2 bad usage,
 130 interrupted.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from engine import Executor, Registry, RunSettings, import_node_module, validate_prompt
+from engine import Executor, Registry, ResultCache, RunSettings, import_node_module, validate_prompt
 from engine.events import Event, Executing, Progress
 from engine.executor import ExecutionResult
 from engine.workflow import PromptFormatError, load_prompt_file
@@ -28,6 +29,7 @@ from engine.workflow import PromptFormatError, load_prompt_file
 WORKFLOW_HELP = "API-format workflow JSON, a POST /prompt body, or a PNG that carries its prompt"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 NODE_MODULES_ENV = "SDGRAPH_NODE_MODULES"
+AUTH_TOKEN_ENV = "SDGRAPH_AUTH_TOKEN"
 
 
 class UsageError(Exception):
@@ -59,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-default-nodes", action="store_true",
                         help="do not load the built-in `nodes` package (only --nodes modules)")
     folders = argparse.ArgumentParser(add_help=False)
-    folders.add_argument("--models-dir", type=Path, default=Path("models"), help="model folders (default: models)")
+    folders.add_argument("--models-dir", type=Path, action="append", default=None, metavar="DIR",
+                         help="model folders, ComfyUI's layout (default: models); repeat for more roots, "
+                              "searched in the order given")
     folders.add_argument("--input-dir", type=Path, default=Path("input"), help="input images (default: input)")
     folders.add_argument("--output-dir", type=Path, default=Path("output"), help="saved outputs (default: output)")
     folders.add_argument("--temp-dir", type=Path, default=Path("temp"), help="previews (default: temp)")
     folders.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                          help="where models run (default: auto)")
+    folders.add_argument("--preview", choices=["auto", "none", "latent2rgb"], default="auto",
+                         help="live sampler previews (default: auto)")
 
     parser = argparse.ArgumentParser(prog="sdgraph", description="Run ComfyUI-format Stable Diffusion workflows.")
     # The node options work before the subcommand too (`sdgraph --nodes pack run wf.json`).
@@ -93,8 +99,9 @@ def load_registry(extra_modules: Sequence[str], default_nodes: bool = True) -> R
 
 
 def settings_from(args: argparse.Namespace) -> RunSettings:
-    return RunSettings(models_dir=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                       temp_dir=args.temp_dir, device=args.device)
+    models_dirs = args.models_dir or [Path("models")]
+    return RunSettings(models_dir=models_dirs[0], extra_models_dirs=tuple(models_dirs[1:]), input_dir=args.input_dir,
+                       output_dir=args.output_dir, temp_dir=args.temp_dir, device=args.device, preview=args.preview)
 
 
 def read_workflow(path: Path) -> dict[str, Any]:
@@ -285,9 +292,34 @@ def cmd_serve(args: argparse.Namespace, registry: Registry) -> int:
     serve: Callable[..., Any] | None = getattr(server, "serve", None)
     if serve is None:
         raise UsageError("this build's server.py has no serve() function")
-    result = serve(settings_from(args), host=args.host, port=args.port, registry=registry,
-                   allow_hosts=args.allow_host)
+    settings = settings_from(args)
+    executor = None if args.cache_size is None else Executor(registry, cache_of_size(args.cache_size), settings)
+    # The model manager (nodes/runtime.py, when the built-in nodes have one) releases models on POST /free.
+    free_models = getattr(sys.modules.get("nodes.runtime"), "free_models", None)
+    chosen = {"database": args.database, "auth_token": args.auth_token or None, "executor": executor,
+              "free_models": free_models if callable(free_models) else None}
+    # Only what was chosen: serve() has its own defaults for the rest.
+    result = serve(settings, host=args.listen, port=args.port, registry=registry, allow_hosts=args.allow_host,
+                   **{name: value for name, value in chosen.items() if value is not None})
     return EXIT_OK if result is None else int(result)
+
+
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def cache_of_size(size: str) -> ResultCache:
+    """`--cache-size`: a byte budget for cached node results such as `8G` or `512M` (binary units);
+    `0` turns caching off. Without the option, the engine's default (the most recent 1024 results)."""
+    text = size.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = text[-1:] if text[-1:] in SIZE_UNITS else ""
+    try:
+        amount = float(text[:len(text) - len(unit)])
+    except ValueError:
+        raise UsageError(f"--cache-size {size!r}: expected a size such as 8G, 512M or 0") from None
+    if amount < 0:
+        raise UsageError(f"--cache-size {size!r} must not be negative")
+    budget = int(amount * SIZE_UNITS[unit])
+    return ResultCache(max_entries=0) if budget == 0 else ResultCache(max_entries=None, max_bytes=budget)
 
 
 def _validate_arguments(sub: argparse.ArgumentParser) -> None:
@@ -310,8 +342,16 @@ def _nodes_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def _serve_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--listen", "--host", dest="listen", default="127.0.0.1", metavar="ADDRESS",
+                     help="address to listen on (default: 127.0.0.1; 0.0.0.0 exposes it to the network)")
     sub.add_argument("--port", type=int, default=8188)
+    sub.add_argument("--auth-token", default=os.environ.get(AUTH_TOKEN_ENV), metavar="TOKEN",
+                     help=f"require 'Authorization: Bearer TOKEN' on every route (default: ${AUTH_TOKEN_ENV})")
+    sub.add_argument("--database", type=Path, default=None, metavar="PATH",
+                     help="the SQLite file keeping queue and history (default: .sdgraph-queue.sqlite3 in "
+                          "the output folder)")
+    sub.add_argument("--cache-size", default=None, metavar="SIZE",
+                     help="memory budget for cached node results, e.g. 8G (0: no caching)")
     sub.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                      help="also answer requests for this host name (a loopback server refuses other names)")
 

@@ -3,69 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import aiohttp
 
-from live_server import LiveServer, png_bytes
-
-
-def run(coroutine: Any) -> Any:
-    return asyncio.run(coroutine)
-
-
-def toy_prompt(value: int = 2) -> dict[str, Any]:
-    return {"1": {"class_type": "Constant", "inputs": {"value": value}},
-            "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 3}},
-            "3": {"class_type": "Output", "inputs": {"value": ["2", 0]}, "_meta": {"title": "Show"}}}
-
-
-async def queue_and_collect(server: LiveServer, prompt: dict[str, Any], client_id: str = "tester",
-                            timeout: float = 10.0) -> tuple[dict[str, Any], list[dict[str, Any]], list[bytes]]:
-    """Connect a websocket, queue `prompt`, and collect messages until `executing` with node null."""
-    messages: list[dict[str, Any]] = []
-    frames: list[bytes] = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as socket:
-            messages.append(json.loads((await socket.receive(timeout)).data))
-            async with session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as answer:
-                assert answer.status == 200, await answer.text()
-                queued = await answer.json()
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                message = await socket.receive(timeout)
-                if message.type == aiohttp.WSMsgType.BINARY:
-                    frames.append(message.data)
-                    continue
-                messages.append(json.loads(message.data))
-                if messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None:
-                    return queued, messages, frames
-    raise AssertionError(f"prompt did not finish; got {[m['type'] for m in messages]}")
-
-
-async def get_json(server: LiveServer, path: str, **headers: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(server.url + path, headers=headers) as answer:
-            text = await answer.text()
-            return answer.status, json.loads(text) if answer.content_type == "application/json" else text
-
-
-async def post_json(server: LiveServer, path: str, body: Any, **headers: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.url + path, json=body, headers=headers) as answer:
-            text = await answer.text()
-            return answer.status, json.loads(text) if answer.content_type == "application/json" else text
-
-
-async def wait_for_history(server: LiveServer, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, history = await get_json(server, f"/history/{prompt_id}")
-        if history:
-            return history[prompt_id]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"prompt {prompt_id} never reached the history")
+from live_server import LiveServer, get_json, png_bytes, post_json, queue_and_collect, run, toy_prompt, wait_for_history
 
 
 def test_object_info_describes_registered_nodes_under_both_prefixes(live_server: LiveServer) -> None:
