@@ -17,6 +17,9 @@ UI JSON replays headless with the same inputs the browser would have sent.
   neither does a node that fed only nodes that did not reach it (a loader behind a muted SaveImage).
 - STRING widgets declared `dynamic_prompts` get ComfyUI's treatment: `//` and `/* */` comments removed,
   `{a|b|c}` replaced by one choice (innermost first), so `rng` decides what a random choice gives.
+- A node of a type the registry lacks is a problem naming it (`convert_ui_workflow` still gives the rest
+  of the prompt, without it and its links, as the editor's own converter does).
+- A list-valued constant is wrapped as `{"__value__": [...]}` so it cannot read as a link.
 - Groups, positions, colours and the camera are ignored. Links may be arrays (schema 0.4) or objects
   (schema 1). Group nodes and subgraphs are refused by name (not supported yet).
 """
@@ -79,8 +82,27 @@ class _Constant:
     value: Any
 
 
+@dataclass(frozen=True)
+class UIConversion:
+    """The API prompt, and what stops it from running as the editor showed it: nodes of unknown types,
+    which are left out (their links vanish) so the rest can still be inspected."""
+
+    prompt: dict[str, Any]
+    problems: list[str]
+
+
 def ui_to_api(workflow: Mapping[str, Any], registry: Registry, *, rng: random.Random | None = None) -> dict:
     """The API prompt of a UI-format workflow; raises UIWorkflowError naming every node that cannot convert."""
+    conversion = convert_ui_workflow(workflow, registry, rng=rng)
+    if conversion.problems:
+        raise UIWorkflowError(conversion.problems)
+    return conversion.prompt
+
+
+def convert_ui_workflow(workflow: Mapping[str, Any], registry: Registry, *,
+                        rng: random.Random | None = None) -> UIConversion:
+    """As `ui_to_api`, returning the problems beside the prompt instead of raising for unknown node types
+    (a malformed workflow still raises UIWorkflowError)."""
     nodes, links = _parse(workflow)
     return _Conversion(nodes, links, registry, rng or random.Random()).run()
 
@@ -136,14 +158,13 @@ class _Conversion:
         self.registry = registry
         self.rng = rng
 
-    def run(self) -> dict:
+    def run(self) -> UIConversion:
         kept = [node for node in self.nodes.values() if node.reaches_prompt]
-        unknown = [node for node in kept if node.type not in self.registry]
-        if unknown:
-            raise UIWorkflowError([f"node {node.id} ({node.type}): node type {node.type!r} is not registered; "
-                                   "the custom node may not be installed" for node in unknown])
-        prompt = {node.id: self._api_node(node, self.registry[node.type]) for node in kept}
-        return self._without_orphans(prompt)
+        problems = [f"node {node.id} ({node.type}): node type {node.type!r} is not registered; "
+                    "the custom node may not be installed" for node in kept if node.type not in self.registry]
+        prompt = {node.id: self._api_node(node, self.registry[node.type]) for node in kept
+                  if node.type in self.registry}
+        return UIConversion(self._without_orphans(prompt), problems)
 
     def _api_node(self, node: UINode, node_type: NodeType) -> dict[str, Any]:
         widgets = _widget_specs(node_type)
@@ -156,7 +177,7 @@ class _Conversion:
             wanted = ui_input.get("type") or (spec.type_name if spec is not None else "*")
             source = self._source(link_id, wanted, set())
             if isinstance(source, _Constant):
-                inputs[name] = source.value
+                inputs[name] = _constant(source.value)
             elif source is not None:
                 inputs[name] = source
         for name, spec in widgets.items():
@@ -185,7 +206,7 @@ class _Conversion:
         if origin.mode == BYPASSED:
             through = _bypass_input(origin, link.origin_slot, wanted)
             return self._source(through, wanted, seen) if through is not None else None
-        return [origin.id, link.origin_slot]
+        return [origin.id, link.origin_slot] if origin.type in self.registry else None
 
     def _without_orphans(self, prompt: dict) -> dict:
         """Drop nodes that fed something in the editor but feed nothing that reaches the prompt, repeatedly."""
@@ -199,6 +220,11 @@ class _Conversion:
                 return prompt
             for node_id in orphans:
                 del prompt[node_id]
+
+
+def _constant(value: Any) -> Any:
+    # A list constant would read as a link in the API format; current frontends wrap it the same way.
+    return {"__value__": value} if isinstance(value, list) else value
 
 
 def _is_link(value: Any) -> bool:
@@ -226,7 +252,7 @@ def _widget_specs(node_type: NodeType) -> dict[str, InputSpec]:
 
 def _widget_inputs(values: Any, widgets: Mapping[str, InputSpec]) -> dict[str, Any]:
     if isinstance(values, dict):
-        return {name: values[name] for name in widgets if name in values}
+        return {name: _constant(values[name]) for name in widgets if name in values}
     if not isinstance(values, list):
         return {}
     inputs: dict[str, Any] = {}
@@ -234,7 +260,7 @@ def _widget_inputs(values: Any, widgets: Mapping[str, InputSpec]) -> dict[str, A
     for name, spec in widgets.items():
         if position >= len(values):
             break
-        inputs[name] = values[position]
+        inputs[name] = _constant(values[position])
         position += 1
         if getattr(spec, "control_after_generate", False) and position < len(values) \
                 and _is_control_value(values[position]):

@@ -14,11 +14,14 @@ from PIL.PngImagePlugin import PngInfo
 
 import cli
 from engine import Boolean, Combo, Float, Int, Registry, Socket, String, node
-from engine.ui_workflow import UIWorkflowError, is_ui_workflow, resolve_dynamic_prompt, ui_to_api
+from engine.ui_workflow import (UIWorkflowError, convert_ui_workflow, is_ui_workflow, resolve_dynamic_prompt,
+                               ui_to_api)
 from engine.workflow import PromptFormatError, load_workflow_document, read_workflow_file
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "comfyui-examples"
 EXAMPLE_NAMES = sorted(p.name.removesuffix(".workflow.json") for p in EXAMPLES.glob("*.workflow.json"))
+#: The editor's converter (web/src/graph/toPrompt.ts) runs these same files: the two must not drift.
+WEB_FIXTURES = Path(__file__).resolve().parents[1] / "web" / "fixtures"
 
 
 # --- schemas shaped like ComfyUI's, so the rules are tested apart from the real SD nodes -----------------
@@ -226,6 +229,20 @@ def test_unknown_node_types_are_all_named_with_their_ids():
         "node 9 (OtherPack): node type 'OtherPack' is not registered; the custom node may not be installed"]
 
 
+def test_convert_ui_workflow_leaves_unknown_nodes_and_their_links_out_and_names_them():
+    graph = sampler_graph([1, "fixed", 12, "euler", 1.0], [ui_node(8, "FancyLoader")], [[20, 8, 0, 2, 0, "MODEL"]])
+    graph["nodes"][1]["inputs"][0]["link"] = 20
+    conversion = convert_ui_workflow(graph, REGISTRY)
+    assert conversion.problems == ["node 8 (FancyLoader): node type 'FancyLoader' is not registered; "
+                                   "the custom node may not be installed"]
+    assert "model" not in conversion.prompt["2"]["inputs"] and "8" not in conversion.prompt
+
+
+def test_a_list_valued_constant_is_wrapped_so_it_cannot_read_as_a_link():
+    graph = ui_workflow([ui_node(1, "Encode", [["4", 0], "plain"])], [])
+    assert ui_to_api(graph, REGISTRY)["1"]["inputs"]["text"] == {"__value__": ["4", 0]}
+
+
 def test_an_unknown_type_that_is_muted_is_no_error():
     graph = sampler_graph([1, "fixed", 12, "euler", 1.0], [ui_node(8, "FancyUpscaler", mode=2)])
     assert set(ui_to_api(graph, REGISTRY)) == {"1", "2", "3"}
@@ -371,3 +388,19 @@ def test_all_nine_examples_are_there():
 def test_an_example_png_reads_back_its_prompt_chunk(name):
     expected = json.loads((EXAMPLES / f"{name}.prompt.json").read_text())
     assert read_workflow_file(EXAMPLES / f"{name}.png", REGISTRY) == expected
+
+
+class FirstChoice(random.Random):
+    """Picks the first option of every dynamic-prompt choice, as the editor's shared-fixture test does."""
+
+    def choice(self, options):
+        return options[0]
+
+
+@pytest.mark.parametrize("name", sorted(p.name.removesuffix(".ui.json") for p in WEB_FIXTURES.glob("*.ui.json")))
+def test_the_editors_shared_fixtures_convert_to_their_api_prompts(name, sd_registry):
+    ui = json.loads((WEB_FIXTURES / f"{name}.ui.json").read_text())
+    expected = json.loads((WEB_FIXTURES / f"{name}.api.json").read_text())
+    conversion = convert_ui_workflow(ui, sd_registry, rng=FirstChoice())
+    assert api_nodes(conversion.prompt) == api_nodes(expected)
+    assert all(problem.startswith("node 1 (SomeCustomLoader)") for problem in conversion.problems)
