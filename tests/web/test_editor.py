@@ -1,0 +1,200 @@
+"""The editor as a user meets it, in headless Chromium against a real server with toy node types."""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from playwright.sync_api import expect
+
+from editor_page import add_node, api_prompt, connect, drop_file, drop_json, graph_nodes, handle, node, screenshot, ui_workflow
+
+
+def test_first_open_without_the_sd_nodes_shows_a_note_naming_them(editor) -> None:
+    expect(editor.locator(".react-flow__node")).to_have_count(1)
+    (note,) = graph_nodes(editor)
+    assert note["classType"] == "Note" and "CheckpointLoaderSimple" in note["values"]["text"]
+    expect(editor.locator(node(note["id"]))).to_contain_text("Note")
+    screenshot(editor, "first-open")
+
+
+def test_build_a_workflow_from_the_palette_queue_it_and_see_progress_preview_and_result(editor) -> None:
+    solid = add_node(editor, "solid image", (300, 200))
+    slow = add_node(editor, "slowbrighten", (300, 600))
+    show = add_node(editor, "show image", (900, 300))
+    connect(editor, solid, 0, slow, "image")
+    connect(editor, slow, 0, show, "image")
+    expect(editor.locator(".react-flow__edge")).to_have_count(2)
+    connect(editor, solid, 0, slow, "steps")  # IMAGE into an INT widget's socket is refused
+    expect(editor.locator(".react-flow__edge")).to_have_count(2)
+
+    editor.get_by_test_id(f"w-{slow}-steps").click()
+    editor.get_by_test_id(f"w-{slow}-steps").fill("6")
+    editor.get_by_test_id(f"w-{solid}-colour").select_option("blue")
+    editor.get_by_test_id(f"w-{solid}-seed").fill("7")
+    editor.get_by_test_id(f"w-{solid}-seed-control").select_option("increment")
+    editor.get_by_test_id(f"w-{show}-filename_prefix").fill("e2e")
+    screenshot(editor, "built-from-palette")
+
+    editor.get_by_test_id("queue").click()
+    expect(editor.get_by_test_id("status")).to_have_text("done", timeout=30_000)
+    expect(editor.get_by_test_id(f"progress-{slow}")).to_have_attribute("title", "6 / 6")
+    expect(editor.locator(f'{node(slow)} [data-testid="preview"]')).to_be_visible()
+    result = editor.get_by_test_id(f"result-{show}")
+    expect(result).to_be_visible()
+    editor.wait_for_function("img => img.complete && img.naturalWidth === 32", arg=result.element_handle())
+    assert editor.get_by_test_id(f"w-{solid}-seed").input_value() == "8"  # incremented after the queue
+    screenshot(editor, "result-shown")
+
+    history = editor.evaluate("fetch('/history').then(r => r.json())")
+    (entry,) = history.values()
+    sent = entry["prompt"][2]
+    assert sent[slow]["inputs"] == {"steps": 6, "image": [solid, 0]}
+    assert sent[solid]["inputs"] == {"colour": "blue", "size": 32, "seed": 7}
+    assert entry["prompt"][3]["extra_pnginfo"]["workflow"]["nodes"]
+
+
+def test_a_reload_restores_the_workflow_from_local_storage(editor) -> None:
+    constant = add_node(editor, "integer constant", (400, 300))
+    editor.get_by_test_id(f"w-{constant}-value").fill("42")
+    editor.get_by_test_id(f"w-{constant}-value").blur()
+    editor.wait_for_function("() => (localStorage.getItem('sdgraph.workflows') || '').includes('42')")
+    def kept(nodes: list[dict]) -> list[tuple]:
+        return [(n["id"], n["classType"], n["pos"], n["values"], n["mode"]) for n in nodes]
+
+    before = kept(graph_nodes(editor))
+    editor.reload()
+    editor.wait_for_selector(f'{node(constant)}')
+    assert kept(graph_nodes(editor)) == before
+    assert editor.get_by_test_id(f"w-{constant}-value").input_value() == "42"
+
+
+def test_undo_and_redo_an_added_node_and_a_widget_edit(editor) -> None:
+    added = add_node(editor, "integer constant", (400, 300))
+    field = editor.get_by_test_id(f"w-{added}-value")
+    field.fill("5")
+    field.blur()
+    editor.locator(".react-flow__pane").click(position={"x": 50, "y": 700})
+    editor.keyboard.press("Control+z")
+    expect(field).to_have_value("0")
+    editor.keyboard.press("Control+z")
+    expect(editor.locator(".react-flow__node")).to_have_count(1)
+    editor.keyboard.press("Control+Shift+z")
+    expect(editor.locator(".react-flow__node")).to_have_count(2)
+    editor.keyboard.press("Control+Shift+z")
+    expect(editor.get_by_test_id(f"w-{added}-value")).to_have_value("5")
+
+
+def test_a_dropped_ui_workflow_json_replaces_the_graph(editor) -> None:
+    workflow = ui_workflow(
+        [{"id": 3, "type": "Constant", "widgets_values": [12], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 8, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}], "title": "Shown"}],
+        [[1, 3, 0, 8, 0, "INT"]])
+    drop_json(editor, workflow, "two.json")
+    expect(editor.locator(".react-flow__node")).to_have_count(2)
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)
+    expect(editor.get_by_test_id("title-8")).to_have_text("Shown")
+    assert api_prompt(editor) == {"3": {"class_type": "Constant", "inputs": {"value": 12}, "_meta": {"title": "Integer constant"}},
+                                "8": {"class_type": "Output", "inputs": {"value": ["3", 0]}, "_meta": {"title": "Shown"}}}
+
+
+def test_a_dropped_png_opens_its_embedded_workflow(editor) -> None:
+    workflow = ui_workflow([{"id": 1, "type": "Pick", "widgets_values": ["c"]}], [])
+    info = PngInfo()
+    info.add_text("workflow", json.dumps(workflow))
+    info.add_text("prompt", json.dumps({"1": {"class_type": "Pick", "inputs": {"letter": "b"}}}))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(buffer, format="PNG", pnginfo=info)
+    drop_file(editor, buffer.getvalue(), "made.png", "image/png")
+    expect(editor.get_by_test_id("w-1-letter")).to_have_value("c")
+    expect(editor.get_by_test_id("tab").first).to_contain_text("made")
+    screenshot(editor, "png-dropped")
+
+
+def test_a_dropped_api_prompt_opens_laid_out_in_columns(editor) -> None:
+    drop_json(editor, {"5": {"class_type": "Constant", "inputs": {"value": 3}},
+                     "6": {"class_type": "Output", "inputs": {"value": ["5", 0]}}}, "api.json")
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)
+    positions = {n["id"]: n["pos"] for n in graph_nodes(editor)}
+    assert positions["5"][0] < positions["6"][0]
+
+
+def test_a_validation_error_is_shown_on_the_node_and_input_it_names(editor) -> None:
+    editor.expected_errors.append(r"status of 400 .*/prompt$")  # the browser logs the server's refusal
+    drop_json(editor, ui_workflow(
+        [{"id": 4, "type": "Constant", "widgets_values": [5000], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 9, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
+        [[1, 4, 0, 9, 0, "INT"]]))
+    editor.keyboard.press("Control+Enter")
+    expect(editor.get_by_test_id("status")).to_have_text("invalid")
+    expect(editor.locator(node("4") + " .sd-node")).to_have_class(re.compile(r"\berror\b"))
+    expect(editor.get_by_test_id("input-4-value")).to_have_class(re.compile(r"input-error"))
+    expect(editor.get_by_test_id("input-4-value")).to_contain_text("1000")
+    expect(editor.locator(node("9") + " .sd-node")).not_to_have_class(re.compile(r"\berror\b"))
+    screenshot(editor, "validation-error")
+
+
+def test_an_execution_error_marks_the_node_and_opens_a_dialog(editor) -> None:
+    drop_json(editor, ui_workflow(
+        [{"id": 2, "type": "Fail", "widgets_values": [1, "it broke"], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 3, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
+        [[1, 2, 0, 3, 0, "INT"]]))
+    editor.get_by_test_id("queue").click()
+    expect(editor.get_by_test_id("error-dialog")).to_contain_text("it broke", timeout=20_000)
+    expect(editor.get_by_test_id("status")).to_have_text("failed")
+    expect(editor.locator(node("2") + " .sd-node")).to_have_class(re.compile(r"\berror\b"))
+
+
+def test_dropping_a_link_on_the_canvas_offers_nodes_that_take_its_type(editor) -> None:
+    constant = add_node(editor, "integer constant", (300, 300))
+    source = editor.locator(handle(constant, "out:0"))
+    box = source.bounding_box()
+    editor.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    editor.mouse.down()
+    editor.mouse.move(900, 650, steps=8)
+    editor.mouse.up()
+    expect(editor.get_by_test_id("palette")).to_be_visible()
+    expect(editor.get_by_test_id("palette-item-ToText")).to_be_visible()
+    expect(editor.get_by_test_id("palette-item-Pick")).to_have_count(0)  # takes no INT
+    editor.get_by_test_id("palette").fill("totext")
+    editor.keyboard.press("Enter")
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)
+    (link,) = editor.evaluate("window.sdgraph.links()")
+    assert (link["source"], link["targetInput"]) == (constant, "value")
+
+
+def test_mute_bypass_copy_paste_and_groups_from_the_keyboard(editor) -> None:
+    constant = add_node(editor, "integer constant", (300, 300))
+    editor.locator(node(constant) + " .sd-title").click()
+    editor.keyboard.press("Control+m")
+    expect(editor.locator(node(constant) + " .sd-node")).to_have_class(re.compile(r"\bmuted\b"))
+    assert constant not in api_prompt(editor)
+    editor.keyboard.press("Control+m")
+    editor.keyboard.press("Control+b")
+    expect(editor.locator(node(constant) + " .sd-node")).to_have_class(re.compile(r"\bbypassed\b"))
+    editor.keyboard.press("Control+c")
+    editor.keyboard.press("Control+v")
+    expect(editor.locator(".react-flow__node-sd")).to_have_count(3)
+    editor.keyboard.press("Control+a")
+    editor.keyboard.press("Control+g")
+    expect(editor.get_by_test_id("group-0")).to_be_visible()
+    editor.keyboard.press("Delete")
+    expect(editor.locator(".react-flow__node-sd")).to_have_count(0)
+
+
+def test_the_queue_panel_lists_past_prompts_and_opens_one_in_a_new_tab(editor) -> None:
+    drop_json(editor, ui_workflow(
+        [{"id": 1, "type": "Constant", "widgets_values": [77], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 2, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
+        [[1, 1, 0, 2, 0, "INT"]]), "past.json")
+    editor.get_by_test_id("queue").click()
+    expect(editor.get_by_test_id("status")).to_have_text("done", timeout=20_000)
+    editor.get_by_test_id("toggle-queue").click()
+    item = editor.get_by_test_id("history-item").first
+    expect(item).to_contain_text("done")
+    item.click()
+    expect(editor.get_by_test_id("tab")).to_have_count(2)
+    expect(editor.get_by_test_id("w-1-value")).to_have_value("77")
+    screenshot(editor, "queue-panel")

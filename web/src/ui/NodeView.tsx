@@ -1,0 +1,135 @@
+// A node on the canvas: title, input sockets on the left, widgets (each with its own target handle, so a
+// link can feed it), outputs on the right, run state (highlight, progress, preview, images, errors).
+import { Handle, Position, type NodeProps } from "@xyflow/react";
+import { memo, useCallback } from "react";
+import { viewUrl } from "../api/client";
+import { type SocketSpec, type WidgetSpec } from "../api/objectInfo";
+import { setControl, setWidgetValue, widgetFor } from "../graph/edit";
+import { MODE_BYPASSED, MODE_MUTED, type GraphNode } from "../graph/model";
+import { outputSlots, widgetSocketType } from "../graph/workflow";
+import { activeTab, useEditor, type EditKind } from "../store/editor";
+import { useRun } from "../store/run";
+import { typeColor } from "./colors";
+import { ControlSelect, WidgetEditor } from "./Widgets";
+
+export interface NodeData extends Record<string, unknown> {
+  nodeId: string;
+}
+
+function InputHandle({ name, type }: { name: string; type: string }) {
+  return <Handle type="target" position={Position.Left} id={`in:${name}`} className="socket" style={{ background: typeColor(type) }} />;
+}
+
+function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
+  const nodeId = data.nodeId;
+  const node = useEditor((s) => activeTab(s).graph.nodes.find((n) => n.id === nodeId));
+  const graph = useEditor((s) => activeTab(s).graph);
+  const schemas = useEditor((s) => s.schemas);
+  const edit = useEditor((s) => s.edit);
+  const settle = useEditor((s) => s.settle);
+  const executing = useRun((s) => s.executing === nodeId);
+  const progress = useRun((s) => s.progress[nodeId]);
+  const cached = useRun((s) => s.cached.includes(nodeId));
+  const images = useRun((s) => s.images[nodeId]);
+  const preview = useRun((s) => (s.preview?.nodeId === nodeId ? s.preview.url : null));
+  const problems = useRun((s) => s.problems[nodeId]);
+  const change = useCallback((name: string, value: unknown, kind: EditKind) => edit((g) => setWidgetValue(g, nodeId, name, value), kind), [edit, nodeId]);
+  if (!node) return null;
+  const schema = schemas.get(node.classType);
+  const linkedInputs = new Set(graph.links.filter((l) => l.target === nodeId).map((l) => l.targetInput));
+  const problemFor = (input: string) => problems?.filter((p) => p.input === input).map((p) => p.message).join("; ");
+  const generalProblems = problems?.filter((p) => !p.input || !schema?.inputOrder.includes(p.input)) ?? [];
+  const classes = ["sd-node", selected && "selected", executing && "running", cached && "cached", problems?.length && "error",
+    node.mode === MODE_MUTED && "muted", node.mode === MODE_BYPASSED && "bypassed", !schema && "unknown",
+    node.classType === "Reroute" && "reroute"].filter(Boolean).join(" ");
+  const color = node.saved.bgcolor as string | undefined;
+
+  if (node.classType === "Reroute") {
+    const type = graph.links.find((l) => l.target === nodeId)?.type ?? "*";
+    return (
+      <div className={classes} data-testid={`node-${nodeId}`}>
+        <InputHandle name="" type={type} />
+        <span className="reroute-dot" style={{ background: typeColor(type) }} />
+        <Handle type="source" position={Position.Right} id="out:0" className="socket" style={{ background: typeColor(type) }} />
+      </div>
+    );
+  }
+
+  const sockets: SocketSpec[] = node.unknownSlots
+    ? node.unknownSlots.inputs.filter((s) => !s.widget).map((s) => ({ name: s.name, type: s.type, optional: false }))
+    : schema?.sockets ?? [];
+  const widgets: WidgetSpec[] = node.primitive
+    ? [widgetFor(graph, schemas, node, "value")].filter((w): w is WidgetSpec => !!w)
+    : schema?.widgets ?? [];
+  const outputs = outputSlots(node, schema);
+  const isDisplayOnly = node.classType === "Note" || node.classType === "MarkdownNote";
+  return (
+    <div className={classes} data-testid={`node-${nodeId}`} style={color ? { background: color } : undefined}>
+      <div className="sd-title" style={node.saved.color ? { background: node.saved.color as string } : undefined}
+        title={schema?.description || node.classType}>
+        <span data-testid={`title-${nodeId}`}>{node.title ?? schema?.title ?? node.classType}</span>
+        {cached && <small className="badge">cached</small>}
+        {node.mode === MODE_MUTED && <small className="badge">muted</small>}
+        {node.mode === MODE_BYPASSED && <small className="badge">bypassed</small>}
+      </div>
+      {progress && (
+        <div className="progress" data-testid={`progress-${nodeId}`} title={`${progress.value} / ${progress.max}`}>
+          <div style={{ width: `${Math.round((100 * progress.value) / Math.max(1, progress.max))}%` }} />
+        </div>
+      )}
+      {!schema && !node.primitive && <div className="unknown-note">{node.classType} is not installed on the server</div>}
+      <div className="sd-body">
+        <div className="sd-slots">
+          <div className="sd-inputs">
+            {sockets.map((socket) => (
+              <div key={socket.name} className={`slot-row${problemFor(socket.name) ? " input-error" : ""}`} data-testid={`input-${nodeId}-${socket.name}`}
+                title={problemFor(socket.name) || socket.tooltip || socket.type}>
+                <InputHandle name={socket.name} type={socket.type} />
+                <span>{socket.name}</span>
+              </div>
+            ))}
+          </div>
+          <div className="sd-outputs">
+            {outputs.map((slot, index) => (
+              <div key={index} className="slot-row out">
+                <span>{slot.name}</span>
+                <Handle type="source" position={Position.Right} id={`out:${index}`} className="socket" style={{ background: typeColor(slot.type) }} />
+              </div>
+            ))}
+          </div>
+        </div>
+        {widgets.map((widget) => {
+          const name = node.primitive ? "value" : widget.name;
+          const problem = problemFor(widget.name);
+          const linked = linkedInputs.has(widget.name);
+          return (
+            <div key={name} className={`widget-row${problem ? " input-error" : ""}`} data-testid={`input-${nodeId}-${widget.name}`} title={problem || (widget.options.tooltip as string | undefined)}>
+              {!node.primitive && !isDisplayOnly && <InputHandle name={widget.name} type={widgetSocketType(widget)} />}
+              {linked ? <span className="linked">{widget.name} ← linked</span> : (
+                <WidgetEditor testId={`w-${nodeId}-${name}`} widget={widget} value={node.values[name]}
+                  onChange={(value, kind) => change(name, value, kind)} onCommit={settle} />
+              )}
+              {widget.control && !linked && (
+                <ControlSelect testId={`w-${nodeId}-${name}-control`} mode={node.controls[name] ?? "fixed"}
+                  onChange={(mode) => edit((g) => setControl(g, nodeId, name, mode))} />
+              )}
+              {problem && <div className="problem">{problem}</div>}
+            </div>
+          );
+        })}
+        {node.primitive && widgets.length === 0 && <div className="hint">connect to a widget input</div>}
+        {generalProblems.map((p, i) => <div key={i} className="problem" data-testid={`problem-${nodeId}`}>{p.message}</div>)}
+        {preview && <img className="preview" data-testid="preview" src={preview} alt="live preview" />}
+        {images?.map((image, i) => (
+          <img key={i} className="result" data-testid={`result-${nodeId}`} src={viewUrl(image)} alt={image.filename} />
+        ))}
+      </div>
+    </div>
+  );
+}
+
+export const NodeView = memo(NodeViewInner);
+
+export function nodeTitle(node: GraphNode): string {
+  return node.title ?? node.classType;
+}
