@@ -1,5 +1,5 @@
 """Image nodes: loading from the input folder, saving (PNG with the workflow in it) and previews, resizing,
-inverting, batching and padding for outpainting.
+cropping, inverting, batching, blank images and padding for outpainting.
 
 IMAGE is float32 [B, H, W, C] in 0..1 on the CPU, MASK float32 [B, H, W] with 1 = the area to repaint
 (nodes/values.py). Files are only ever read from the input folder and written into the output and temp
@@ -344,4 +344,38 @@ def ImagePadForOutpaint(image: Socket("IMAGE"), left: Int(0, min=0, max=MAX_RESO
     mask[top:top + height, left:left + width] = _outpaint_feather(height, width, feathering, top, bottom, left,
                                                                   right)
     return padded, mask.unsqueeze(0)
+
+
+@node(category="image/transform", outputs=["IMAGE"])
+def ImageCrop(image: Socket("IMAGE"), width: Int(512, min=1, max=MAX_RESOLUTION, step=1),
+              height: Int(512, min=1, max=MAX_RESOLUTION, step=1), x: Int(0, min=0, max=MAX_RESOLUTION, step=1),
+              y: Int(0, min=0, max=MAX_RESOLUTION, step=1)) -> tuple:
+    """The width x height region from (x, y), cut short at the image's edges; an offset past an edge
+    moves back onto the last row or column, as ComfyUI's does."""
+    image = image_batch(image, "image")
+    x, y = min(x, image.shape[2] - 1), min(y, image.shape[1] - 1)
+    return (image[:, y:y + height, x:x + width],)
+
+
+@node(category="image/batch", outputs=["IMAGE"])
+def RepeatImageBatch(image: Socket("IMAGE"), amount: Int(1, min=1, max=4096)) -> tuple:
+    return (image_batch(image, "image").repeat(amount, 1, 1, 1),)
+
+
+@node(category="image/batch", outputs=["IMAGE"])
+def ImageFromBatch(image: Socket("IMAGE"), batch_index: Int(0, min=0, max=4095),
+                   length: Int(1, min=1, max=4096)) -> tuple:
+    """`length` images from `batch_index`, both clamped to the batch (ComfyUI's behaviour)."""
+    image = image_batch(image, "image")
+    start = min(batch_index, image.shape[0] - 1)
+    return (image[start:start + min(length, image.shape[0] - start)].clone(),)
+
+
+@node(category="image", outputs=["IMAGE"])
+def EmptyImage(width: Int(512, min=1, max=MAX_RESOLUTION, step=1), height: Int(512, min=1, max=MAX_RESOLUTION, step=1),
+               batch_size: Int(1, min=1, max=4096),
+               color: Int(0, min=0, max=0xFFFFFF, step=1, extra={"display": "color"})) -> tuple:
+    """A batch of one colour, given as 0xRRGGBB."""
+    rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
+    return (rgb.expand(batch_size, height, width, 3).clone(),)
 

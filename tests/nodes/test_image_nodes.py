@@ -16,8 +16,9 @@ from PIL import Image
 import cli
 from engine import Executor, ResultCache
 from engine.workflow import png_text_chunks, read_workflow_file
-from nodes.image import (ImageBatch, ImageInvert, ImagePadForOutpaint, ImageScale, ImageScaleBy, LoadImage,
-                         LoadImageMask, PreviewImage, SaveImage, expand_filename_prefix, input_images)
+from nodes.image import (EmptyImage, ImageBatch, ImageCrop, ImageFromBatch, ImageInvert, ImagePadForOutpaint,
+                         ImageScale, ImageScaleBy, LoadImage, LoadImageMask, PreviewImage, RepeatImageBatch,
+                         SaveImage, expand_filename_prefix, input_images)
 
 RNG = np.random.default_rng(0)
 
@@ -308,3 +309,27 @@ def test_pad_for_outpaint_adds_grey_borders_and_a_feathered_mask(left, top, righ
     assert torch.all(padded[:, border] == 0.5) and torch.all(mask[0, border] == 1.0)
     inner = mask[0, top:top + 20, left:left + 24]
     assert torch.allclose(inner, reference_outpaint_mask(20, 24, top, bottom, left, right, feathering))
+
+
+def test_image_crop_cuts_the_region_and_stops_at_the_edges():
+    image = torch.rand(2, 10, 12, 3)
+    assert torch.equal(ImageCrop(image, 4, 3, 5, 2)[0], image[:, 2:5, 5:9])
+    assert torch.equal(ImageCrop(image, 8, 8, 20, 9)[0], image[:, 9:, 11:])  # offsets past the edge clamp
+
+
+def test_repeat_image_batch_repeats_the_whole_batch():
+    image = torch.rand(2, 3, 3, 3)
+    (repeated,) = RepeatImageBatch(image, 3)
+    assert repeated.shape == (6, 3, 3, 3) and torch.equal(repeated[4:], image)
+
+
+def test_image_from_batch_clamps_index_and_length_to_the_batch():
+    image = torch.rand(4, 2, 2, 3)
+    assert torch.equal(ImageFromBatch(image, 1, 2)[0], image[1:3])
+    assert torch.equal(ImageFromBatch(image, 9, 5)[0], image[3:])
+
+
+def test_empty_image_is_filled_with_the_rgb_colour():
+    (image,) = EmptyImage(5, 4, 2, 0xFF8000)
+    assert image.shape == (2, 4, 5, 3)
+    assert torch.equal(image.reshape(-1, 3).unique(dim=0), torch.tensor([[1.0, 128 / 255, 0.0]]))
