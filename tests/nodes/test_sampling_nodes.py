@@ -9,8 +9,10 @@ import dataclasses
 import pytest
 import torch
 
+import cli
 from diffusion.sampling import SamplingModel, karras_sigmas, sample
-from engine import ExecutionContext, Interrupted, Registry, RunSettings
+from engine import ExecutionContext, Executor, Interrupted, Registry, RunSettings, Socket, String, node
+from engine.events import Progress
 from nodes import sampling
 from nodes.sampling import (BasicGuider, BasicScheduler, CFGGuider, DisableNoise, EulerStep, ExponentialScheduler,
                             InitialNoisyLatent, KarrasScheduler, KSampler, KSamplerAdvanced, KSamplerSelect, Noise,
@@ -347,3 +349,55 @@ def test_an_interrupt_stops_the_sampler_between_steps(model, prompts, node_setti
     with pytest.raises(Interrupted):
         ksample(model, prompts, empty_latent(), steps=6, context=recorder.context)
     assert len(recorder.reports) == 2
+
+
+# --- the loop as a graph ---------------------------------------------------------------------------------------
+
+KEPT: dict[str, dict] = {}
+
+
+@node(category="testing", output_node=True)
+def KeepLatent(samples: Socket("LATENT"), label: String("")) -> None:
+    """Test-only output node: keeps a LATENT for the assertions."""
+    KEPT[label] = samples
+
+
+def loop_prompt(tiny_name: str, steps: int) -> dict:
+    """A txt2img graph whose sampler is a UNetDenoiseStep / EulerStep loop, beside a SamplerCustom euler run."""
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_name}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": "normal",
+                                                              "steps": steps, "denoise": 1.0}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+        "x0": {"class_type": "InitialNoisyLatent", "inputs": {"model": ["ckpt", 0], "noise": ["noise", 0],
+                                                              "sigmas": ["sigmas", 0], "latent_image": ["empty", 0]}},
+        "select": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "custom": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["ckpt", 0], "add_noise": True, "noise_seed": SEED, "cfg": CFG_SCALE, "positive": ["pos", 0],
+            "negative": ["neg", 0], "sampler": ["select", 0], "sigmas": ["sigmas", 0], "latent_image": ["empty", 0]}},
+        "keep_custom": {"class_type": "KeepLatent", "inputs": {"samples": ["custom", 0], "label": "custom"}},
+    }
+    for step in range(steps):
+        prompt[f"d{step}"] = {"class_type": "UNetDenoiseStep", "inputs": {
+            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": CFG_SCALE,
+            "latent": [f"x{step}", 0], "sigmas": ["sigmas", 0], "step": step}}
+        prompt[f"x{step + 1}"] = {"class_type": "EulerStep", "inputs": {
+            "latent": [f"x{step}", 0], "denoised": [f"d{step}", 0], "sigmas": ["sigmas", 0], "step": step}}
+    prompt["keep_loop"] = {"class_type": "KeepLatent", "inputs": {"samples": [f"x{steps}", 0], "label": "loop"}}
+    return prompt
+
+
+def test_the_step_loop_runs_as_a_graph_and_equals_sampler_custom(node_settings, tiny_names):
+    registry = cli.load_registry([])
+    registry.register(KeepLatent)
+    progress = []
+    executor = Executor(registry, settings=node_settings)
+    executor.subscribe(lambda event: progress.append((event.node, event.value, event.max))
+                       if isinstance(event, Progress) and event.node.startswith("d") else None)
+    result = executor.execute(loop_prompt(tiny_names.sd1, 3))
+    assert result.ok, result.error
+    assert relative_error(KEPT["loop"]["samples"], KEPT["custom"]["samples"]) < 1e-5
+    assert progress == [("d0", 1, 3), ("d1", 2, 3), ("d2", 3, 3)]
