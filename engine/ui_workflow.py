@@ -9,10 +9,12 @@ UI JSON replays headless with the same inputs the browser would have sent.
   COMBO with one, and LoadImage's upload button (`"image"`). A shorter list leaves the rest out, so the
   validator fills their defaults (workflows older than an input). Some custom nodes save an object keyed
   by input name; that is accepted too.
-- Links walk upstream through Reroutes; a PrimitiveNode's value replaces the widget it feeds; a muted
-  source (mode 2) makes the link vanish, leaving the widget's own saved value where there is one; a
-  bypassed source (mode 4) passes one of its own inputs through: the one at the used output's index if
-  its type fits, else the first of exactly the wanted type, else the first compatible one.
+- Links walk upstream through Reroutes; a PrimitiveNode's value replaces the widget it feeds; a bypassed
+  source (mode 4) passes one of its own inputs through: the one at the used output's index if its type
+  fits, else the first of exactly the wanted type, else the first compatible one. A link from a muted
+  node (mode 2), an unknown one or a bypassed one with nothing to pass removes the input, even a
+  converted widget's saved value (the validator then fills a default or names the missing input); a
+  dangling Reroute or an unconnected pass-through leaves a converted widget its saved value.
 - Muted and bypassed nodes, Reroute, PrimitiveNode, Note and MarkdownNote never reach the prompt, and
   neither does a node that fed only nodes that did not reach it (a loader behind a muted SaveImage).
 - STRING widgets declared `dynamic_prompts` get ComfyUI's treatment: `//` and `/* */` comments removed,
@@ -73,6 +75,10 @@ class UINode:
     @property
     def reaches_prompt(self) -> bool:
         return self.type not in UI_ONLY_TYPES and self.mode not in (MUTED, BYPASSED)
+
+
+#: What a link from a node that left the prompt (muted, unknown, bypassed with nothing to pass) becomes.
+_DROPPED = object()
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,8 @@ class _Conversion:
             source = self._source(link_id, wanted, set())
             if isinstance(source, _Constant):
                 inputs[name] = _constant(source.value)
+            elif source is _DROPPED:
+                inputs.pop(name, None)
             elif source is not None:
                 inputs[name] = source
         for name, spec in widgets.items():
@@ -188,8 +196,10 @@ class _Conversion:
             body["_meta"] = {"title": node.title}
         return body
 
-    def _source(self, link_id: Any, wanted: str, seen: set) -> list | _Constant | None:
-        """Where a link's value really comes from: `[node_id, slot]`, a PrimitiveNode's value, or None."""
+    def _source(self, link_id: Any, wanted: str, seen: set) -> list | _Constant | object | None:
+        """Where a link's value really comes from: `[node_id, slot]`, a PrimitiveNode's value, None (no value
+        comes: a widget keeps its saved one) or _DROPPED (the source left the prompt, and the input with it:
+        ComfyUI's frontend links it there, then deletes links into nodes it did not send)."""
         link = self.links.get(link_id)
         if link is None or link_id in seen or link.origin_id not in self.nodes:
             return None
@@ -201,12 +211,16 @@ class _Conversion:
         if origin.type == "Reroute":
             through = origin.inputs[0].get("link") if origin.inputs else None
             return self._source(through, wanted, seen) if through is not None else None
-        if origin.type in UI_ONLY_TYPES or origin.mode == MUTED:
+        if origin.type in UI_ONLY_TYPES:
             return None
         if origin.mode == BYPASSED:
             through = _bypass_input(origin, link.origin_slot, wanted)
-            return self._source(through, wanted, seen) if through is not None else None
-        return [origin.id, link.origin_slot] if origin.type in self.registry else None
+            if through is None:
+                return _DROPPED
+            return self._source(through["link"], wanted, seen) if through.get("link") is not None else None
+        if origin.mode == MUTED or origin.type not in self.registry:
+            return _DROPPED
+        return [origin.id, link.origin_slot]
 
     def _without_orphans(self, prompt: dict) -> dict:
         """Drop nodes that fed something in the editor but feed nothing that reaches the prompt, repeatedly."""
@@ -231,8 +245,8 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _bypass_input(node: UINode, output_slot: int, wanted: str) -> Any:
-    """The link id a bypassed node passes through to its output `output_slot`, as ComfyUI's frontend picks it."""
+def _bypass_input(node: UINode, output_slot: int, wanted: str) -> Mapping[str, Any] | None:
+    """The input a bypassed node passes through to its output `output_slot`, as ComfyUI's frontend picks it."""
     def type_of(ui_input: Mapping[str, Any]) -> str:
         return str(ui_input.get("type") or "*")
 
@@ -240,7 +254,7 @@ def _bypass_input(node: UINode, output_slot: int, wanted: str) -> Any:
     candidates = [i for i in same_index if type_of(i) == wanted] + \
         [i for i in node.inputs if type_of(i) == wanted] + \
         [i for i in node.inputs if types_compatible(type_of(i), wanted)]
-    return candidates[0].get("link") if candidates else None
+    return candidates[0] if candidates else None
 
 
 def _widget_specs(node_type: NodeType) -> dict[str, InputSpec]:

@@ -176,13 +176,20 @@ def test_a_muted_output_is_removed_with_the_nodes_that_only_fed_it():
     assert ui_to_api(graph, REGISTRY) == {}
 
 
-def test_a_link_from_a_muted_node_vanishes_and_the_saved_widget_value_stays():
+def test_a_link_from_a_muted_node_removes_the_input_even_a_converted_widgets_saved_value():
     muted = ui_node(5, "Loader", ["a.safetensors"], mode=2)
     graph = sampler_graph([42, "fixed", 12, "euler", 1.0], [muted], [[20, 5, 0, 2, 2, "INT"]],
                           [socket("seed", "INT", 20, widget=True)])
     prompt = ui_to_api(graph, REGISTRY)
-    assert prompt["2"]["inputs"]["seed"] == 42
+    assert "seed" not in prompt["2"]["inputs"] and prompt["2"]["inputs"]["steps"] == 12
     assert set(prompt) == {"1", "2", "3"}
+
+
+def test_a_dangling_reroute_leaves_a_converted_widget_its_saved_value():
+    reroute = ui_node(6, "Reroute", None, [socket("", "*", None)])
+    graph = sampler_graph([42, "fixed", 12, "euler", 1.0], [reroute], [[20, 6, 0, 2, 2, "INT"]],
+                          [socket("seed", "INT", 20, widget=True)])
+    assert ui_to_api(graph, REGISTRY)["2"]["inputs"]["seed"] == 42
 
 
 def bypass_graph(bypassed_inputs: list[dict], output_slot: int = 0) -> dict:
