@@ -249,9 +249,9 @@ class Server:
         prompt = body.get("prompt")
         extra_data, prompt_id = body.get("extra_data") or {}, body.get("prompt_id")
         if not isinstance(extra_data, dict):
-            raise json_error(web.HTTPBadRequest, "invalid_prompt", "'extra_data' must be a JSON object")
+            raise JsonError(400, "invalid_prompt", "'extra_data' must be a JSON object")
         if prompt_id is not None and (not isinstance(prompt_id, str) or not prompt_id.strip()):
-            raise json_error(web.HTTPBadRequest, "invalid_prompt", "'prompt_id' must be a non-empty string")
+            raise JsonError(400, "invalid_prompt", "'prompt_id' must be a non-empty string")
         validation = await asyncio.get_running_loop().run_in_executor(
             None, validate_prompt, prompt, self.registry, body.get("partial_execution_targets"), self.settings)
         answer = validation.to_json()
@@ -266,11 +266,11 @@ class Server:
             item = self.queue.put(prompt_id or str(uuid.uuid4()), prompt, extra_data, list(validation.outputs),
                                   front=bool(body.get("front")), number=number)
         except ClientQueueFull as full:
-            raise json_error(web.HTTPTooManyRequests, "client_queue_full", str(full))
+            raise JsonError(429, "client_queue_full", str(full))
         except QueueFull as full:
-            raise json_error(web.HTTPServiceUnavailable, "queue_full", str(full), headers={"Retry-After": "5"})
+            raise JsonError(503, "queue_full", str(full), headers={"Retry-After": "5"})
         except DuplicatePrompt as duplicate:
-            raise json_error(web.HTTPBadRequest, "duplicate_prompt_id", str(duplicate))
+            raise JsonError(400, "duplicate_prompt_id", str(duplicate))
         return web.json_response({"prompt_id": item.prompt_id, "number": item.number,
                                   "node_errors": answer["node_errors"]})
 
@@ -332,11 +332,11 @@ class Server:
         try:
             fields = await request.post()
         except web.HTTPRequestEntityTooLarge:
-            raise json_error(web.HTTPRequestEntityTooLarge, "upload_too_large",
-                             f"uploads are limited to {MAX_UPLOAD_BYTES} bytes")
+            raise JsonError(413, "upload_too_large", f"uploads are limited to {MAX_UPLOAD_BYTES} bytes",
+                            headers={"Connection": "close"})
         upload = fields.get("image")
         if not isinstance(upload, web.FileField):
-            raise json_error(web.HTTPBadRequest, "bad_file_request", "upload needs a multipart file field 'image'")
+            raise JsonError(400, "bad_file_request", "upload needs a multipart file field 'image'")
         text_fields = {name: value for name, value in fields.items() if isinstance(value, str)}
         return web.json_response(await in_thread(folder_files.save_upload, self.settings, text_fields,
                                                  upload.file.read(), upload.filename or "", mask))
@@ -482,7 +482,7 @@ def token_required(token: str | None) -> Any:
         if in_query:
             offered.append(request.query["token"])
         if not any(candidate and hmac.compare_digest(candidate.encode(), token.encode()) for candidate in offered):
-            raise json_error(web.HTTPUnauthorized, "unauthorized",
+            raise JsonError(401, "unauthorized",
                              "this server needs its token: 'Authorization: Bearer TOKEN' (or ?token= on /, /ws "
                              "and /view)", headers={"WWW-Authenticate": "Bearer"})
         response = await handler(request)
@@ -502,26 +502,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# --- request bodies and errors --------------------------------------------------------------------------------------------
+# --- request bodies and errors -------------------------------------------------------------------------
 
 async def json_body(request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
+    too_large = JsonError(413, "body_too_large", f"request bodies are limited to {MAX_JSON_BYTES} bytes",
+                          headers={"Connection": "close"})  # the unread rest of the body must not stay queued
     if (request.content_length or 0) > MAX_JSON_BYTES:
-        raise json_error(web.HTTPRequestEntityTooLarge, "body_too_large",
-                         f"request bodies are limited to {MAX_JSON_BYTES} bytes")
+        raise too_large
     raw = bytearray()
     while chunk := await request.content.read(1 << 16):
         raw += chunk
         if len(raw) > MAX_JSON_BYTES:
-            raise json_error(web.HTTPRequestEntityTooLarge, "body_too_large",
-                             f"request bodies are limited to {MAX_JSON_BYTES} bytes")
+            raise too_large
     if not raw.strip() and allow_empty:
         return {}
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as problem:
-        raise json_error(web.HTTPBadRequest, "invalid_json", f"request body is not JSON: {problem}")
+        raise JsonError(400, "invalid_json", f"request body is not JSON: {problem}")
     if not isinstance(body, dict):
-        raise json_error(web.HTTPBadRequest, "invalid_json", "request body must be a JSON object")
+        raise JsonError(400, "invalid_json", "request body must be a JSON object")
     return body
 
 
@@ -530,7 +530,7 @@ async def clear_or_delete(request: web.Request, clear: Callable[[], None],
     """`POST /queue` and `POST /history`: `{"clear": true}` and/or `{"delete": [prompt_id, ...]}`."""
     body = await json_body(request)
     if "delete" in body and not isinstance(body["delete"], list):
-        raise json_error(web.HTTPBadRequest, "invalid_request", "'delete' must be a list of prompt ids")
+        raise JsonError(400, "invalid_request", "'delete' must be a list of prompt ids")
     if body.get("clear"):
         clear()
     if "delete" in body:
@@ -538,11 +538,14 @@ async def clear_or_delete(request: web.Request, clear: Callable[[], None],
     return web.Response(status=200)
 
 
-def json_error(kind: type[web.HTTPException], error_type: str, message: str,
-               headers: dict[str, str] | None = None) -> web.HTTPException:
+class JsonError(web.HTTPException):
     """An HTTP error whose body has the shape of ComfyUI's prompt errors, so clients show `message`."""
-    body = {"error": {"type": error_type, "message": message, "details": "", "extra_info": {}}, "node_errors": {}}
-    return kind(text=json.dumps(body), content_type="application/json", headers=headers)
+
+    def __init__(self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status_code = status  # aiohttp's error classes fix the status per class; this one takes any
+        body = {"error": {"type": error_type, "message": message, "details": "", "extra_info": {}},
+                "node_errors": {}}
+        super().__init__(text=json.dumps(body), content_type="application/json", headers=headers)
 
 
 async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -550,11 +553,11 @@ async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
     try:
         return await asyncio.get_running_loop().run_in_executor(None, function, *args)
     except UnsafePathError as problem:
-        raise json_error(web.HTTPForbidden, "forbidden_path", str(problem))
+        raise JsonError(403, "forbidden_path", str(problem))
     except FileNotFoundError as problem:
-        raise json_error(web.HTTPNotFound, "file_not_found", str(problem))
+        raise JsonError(404, "file_not_found", str(problem))
     except FileRequestError as problem:
-        raise json_error(web.HTTPBadRequest, "bad_file_request", str(problem))
+        raise JsonError(400, "bad_file_request", str(problem))
 
 
 def int_query(request: web.Request, name: str, negative_is_none: bool = False) -> int | None:

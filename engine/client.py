@@ -6,9 +6,10 @@
         entry = client.wait(prompt_id, on_progress=print)   # the history entry, once the prompt finished
         pngs = client.images(prompt_id)                     # the saved images' bytes
 
-`AsyncClient` has the same methods as coroutines. `wait` listens on the websocket under the client's own
-`client_id` (the one `submit` sends) and falls back to polling `/history` when the socket cannot be used;
-`on_progress(kind, data)` gets each websocket message of that prompt (`executing`, `progress`, ...). A
+`AsyncClient` has the same methods as coroutines. `submit` opens the websocket under the client's own
+`client_id` first, so `wait` sees every message of the prompt, from `execution_start` on:
+`on_progress(kind, data)` gets each (`executing`, `progress`, ...). Without a websocket (or for a prompt
+submitted under another client_id) `wait` polls `/history`. A
 failed or interrupted prompt raises PromptFailed; a refused one, PromptRejected. aiohttp is imported here
 only, so `import engine` stays light.
 """
@@ -63,6 +64,9 @@ class AsyncClient:
         self.token = token
         self.client_id = client_id or uuid.uuid4().hex
         self._session: aiohttp.ClientSession | None = None
+        self._reader: asyncio.Task | None = None
+        #: Websocket messages per prompt this client submitted, until `wait` consumes them.
+        self._events: dict[str, asyncio.Queue] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -71,6 +75,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -92,57 +99,79 @@ class AsyncClient:
                 raise kind(f"{method} {path}: {answer.status} {_message(decoded)}", answer.status, decoded)
             return decoded
 
+    async def _listen(self) -> None:
+        """Keep the websocket open before submitting, so no event of a quick prompt is missed (ComfyUI's
+        scripts connect first for the same reason). Without one, `wait` polls the history."""
+        if self._reader is not None and not self._reader.done():
+            return
+        try:
+            socket = await self._http().ws_connect(f"{self.base_url}/ws", params={"clientId": self.client_id})
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+            return
+        self._reader = asyncio.create_task(self._read(socket))
+
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for message in socket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                decoded = json.loads(message.data)
+                data = decoded.get("data") or {}
+                events = self._events.get(data.get("prompt_id"))
+                if events is not None:
+                    events.put_nowait((decoded.get("type"), data))
+        finally:
+            await socket.close()
+            for events in self._events.values():
+                events.put_nowait(None)  # the socket is gone: waiters read the history instead
+
     # --- the API -----------------------------------------------------------------------------------------
     async def submit(self, workflow: dict[str, Any], client_id: str | None = None, *, front: bool = False,
                      extra_data: dict[str, Any] | None = None) -> str:
         """Queue an API-format workflow; returns its prompt_id. Raises PromptRejected when invalid."""
+        prompt_id = str(uuid.uuid4())
+        if client_id in (None, self.client_id):
+            await self._listen()
+            if self._reader is not None:
+                self._events[prompt_id] = asyncio.Queue()
         body = {"prompt": workflow, "client_id": client_id or self.client_id, "front": front,
-                "extra_data": extra_data or {}}
-        return (await self._request("POST", "/prompt", body))["prompt_id"]
+                "extra_data": extra_data or {}, "prompt_id": prompt_id}
+        try:
+            return (await self._request("POST", "/prompt", body))["prompt_id"]
+        except BaseException:
+            self._events.pop(prompt_id, None)
+            raise
 
     async def wait(self, prompt_id: str, on_progress: ProgressCallback | None = None,
                    timeout: float | None = None) -> dict[str, Any]:
         """The prompt's history entry once it finished; PromptFailed if it failed, TimeoutError past
         `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        events = self._events.get(prompt_id)
         try:
-            await asyncio.wait_for(self._listen(prompt_id, on_progress), _left(deadline))
+            if events is not None:
+                await asyncio.wait_for(self._follow(events, on_progress), _left(deadline))
+            entry = await asyncio.wait_for(self._poll_history(prompt_id), _left(deadline))
         except asyncio.TimeoutError:
             raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s") from None
-        except (aiohttp.ClientError, ConnectionError):
-            pass  # no websocket (a proxy that drops upgrades, an old server): the history tells
-        entry = await self._poll_history(prompt_id, deadline)
+        self._events.pop(prompt_id, None)
         if entry["status"].get("status_str") != "success":
             raise PromptFailed(prompt_id, entry)
         return entry
 
-    async def _listen(self, prompt_id: str, on_progress: ProgressCallback | None) -> None:
-        async with self._http().ws_connect(f"{self.base_url}/ws", params={"clientId": self.client_id}) as socket:
-            if await self.history(prompt_id):  # finished before the socket opened
+    @staticmethod
+    async def _follow(events: asyncio.Queue, on_progress: ProgressCallback | None) -> None:
+        while (message := await events.get()) is not None:
+            kind, data = message
+            if on_progress is not None:
+                on_progress(kind, data)
+            if kind == "executing" and data.get("node") is None:
                 return
-            async for message in socket:
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        raise ConnectionError("the websocket closed")
-                    continue
-                decoded = json.loads(message.data)
-                kind, data = decoded.get("type"), decoded.get("data") or {}
-                if data.get("prompt_id") != prompt_id:
-                    continue
-                if on_progress is not None:
-                    on_progress(kind, data)
-                if kind == "executing" and data.get("node") is None:
-                    return
-        raise ConnectionError("the websocket closed")
 
-    async def _poll_history(self, prompt_id: str, deadline: float | None) -> dict[str, Any]:
-        while True:
-            entry = await self.history(prompt_id)
-            if entry:
-                return entry[prompt_id]
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"prompt {prompt_id} did not reach the history in time")
+    async def _poll_history(self, prompt_id: str) -> dict[str, Any]:
+        while not (entry := await self.history(prompt_id)):
             await asyncio.sleep(POLL_SECONDS)
+        return entry[prompt_id]
 
     async def images(self, prompt_id: str, as_pil: bool = False) -> list[Any]:
         """Every image the prompt's output nodes list (`images` entries), as bytes or PIL images."""

@@ -17,17 +17,17 @@ from live_server import TOY_NODES, LiveServer, free_port
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
-    """Starts servers with Server's keyword options (auth_token, max_pending, web_root, ...); all stop at
-    the end of the test."""
+    """Starts servers with Server's keyword options (auth_token, max_pending, web_root, ...) and a preview
+    setting; all stop at the end of the test."""
     stops: list[Callable[[], None]] = []
 
-    def start(**options: Any) -> LiveServer:
+    def start(preview: str = "auto", **options: Any) -> LiveServer:
         registry = Registry()
         registry.load_module(import_node_module(str(TOY_NODES)))
         registry.load_module(server_nodes)
         root = tmp_path / f"server{len(stops)}"
         settings = RunSettings(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
-                               temp_dir=root / "temp", device="cpu")
+                               temp_dir=root / "temp", device="cpu", preview=preview)
         state = sdgraph_server.Server(settings, registry, allowed_hosts=sdgraph_server.allowed_hosts_for("127.0.0.1"),
                                       **options)
         port = free_port()
