@@ -22,6 +22,7 @@ from torch import nn
 from diffusion.detection import HeadOverrides
 from diffusion.key_maps import (
     unet_config_to_diffusers,
+    unet_diffusers_key_map,
     unet_state_dict_to_diffusers,
     vae_config_to_diffusers,
     vae_state_dict_to_diffusers,
@@ -327,3 +328,114 @@ def _model_index(family: str) -> dict:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
+
+
+# --- LoRA files ------------------------------------------------------------------------------------------------
+
+LORA_STYLES = ("kohya", "peft", "loha", "lokr")
+# What trainers adapt: attention and feed-forward projections (UNet, diffusers paths) and the text tower's
+# attention and MLP (transformers paths); conv adds the resnet convolutions (LoCon).
+_UNET_LORA_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".proj_in", ".proj_out", ".ff.net.0.proj", ".ff.net.2")
+_UNET_CONV_TARGETS = (".conv1", ".conv2")
+_TEXT_LORA_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
+
+
+def tiny_lora_targets(family: str, *, conv: bool = False) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(UNet diffusers module path -> weight shape, text `text_model.` module path -> weight shape)."""
+    unet_shapes = {k: tuple(v.shape) for k, v in UNetModel(tiny_unet_config(family), device="meta").state_dict().items()}
+    wanted = _UNET_LORA_TARGETS + (_UNET_CONV_TARGETS if conv else ())
+    unet = {}
+    for diffusers_key, ours in sorted(unet_diffusers_key_map(tiny_unet_config(family)).items()):
+        path = diffusers_key.removesuffix(".weight")
+        if diffusers_key.endswith(".weight") and path.endswith(wanted) and ("resnets" in path or not path.endswith(_UNET_CONV_TARGETS)):
+            unet[path] = unet_shapes[ours]
+    text_shapes = ClipTextEncoder(tiny_text_config(family), device="meta").state_dict()
+    text = {
+        "text_model." + key.removeprefix("transformer.").removesuffix(".weight"): tuple(value.shape)
+        for key, value in text_shapes.items() if key.removesuffix(".weight").endswith(_TEXT_LORA_TARGETS)
+        and key.endswith(".weight")
+    }
+    return unet, dict(sorted(text.items()))
+
+
+def _kohya_name(prefix: str, path: str) -> str:
+    return prefix + path.replace(".", "_")
+
+
+def _lora_factors(shape: tuple[int, ...], rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down [r, in, (kh, kw)], up [out, r, (1, 1)]) with a delta about a tenth of the weights' scale."""
+    fan_in = math.prod(shape[1:])
+    down = torch.randn(rank, *shape[1:], generator=generator) / math.sqrt(fan_in)
+    up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=generator) * 0.5 / math.sqrt(rank)
+    return down, up
+
+
+def _loha_tensors(name: str, shape: tuple[int, ...], rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    fan_in = math.prod(shape[1:])
+    parts = {}
+    for i in (1, 2):
+        parts[f"{name}.hada_w{i}_a"] = torch.randn(shape[0], rank, generator=generator) * 0.5 / math.sqrt(rank)
+        parts[f"{name}.hada_w{i}_b"] = torch.randn(rank, fan_in, generator=generator) / fan_in ** 0.25
+    return parts
+
+
+def _lokr_tensors(name: str, shape: tuple[int, ...], rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    out1 = 4 if shape[0] % 4 == 0 else 1
+    in1 = 4 if shape[1] % 4 == 0 else 1
+    out2, in2 = shape[0] // out1, shape[1] // in1
+    kernel = math.prod(shape[2:])
+    return {
+        f"{name}.lokr_w1": torch.randn(out1, in1, generator=generator) * 0.5,
+        f"{name}.lokr_w2_a": torch.randn(out2, rank, generator=generator) / math.sqrt(rank),
+        f"{name}.lokr_w2_b": torch.randn(rank, in2 * kernel, generator=generator) / math.sqrt(in2 * kernel),
+    }
+
+
+def tiny_lora_tensors(
+    family: str = "sd1", style: str = "kohya", *, rank: int = 4, seed: int = 0, conv: bool = False, text: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of a LoRA for the tiny model of `family`.
+
+    kohya and peft files with the same seed and rank hold the same factors (and alpha = rank / 2, in the
+    file or in peft's adapter metadata), so they describe the same deltas under two naming schemes.
+    """
+    if style not in LORA_STYLES:
+        raise ValueError(f"style must be one of {LORA_STYLES}, not {style!r}")
+    unet, text_targets = tiny_lora_targets(family, conv=conv)
+    generator = torch.Generator().manual_seed(seed)
+    alpha = torch.tensor(rank / 2)
+    tensors: dict[str, torch.Tensor] = {}
+    modules = [("unet", path, shape) for path, shape in unet.items()]
+    modules += [("text", path, shape) for path, shape in text_targets.items()] if text else []
+    for part, path, shape in modules:
+        kohya = _kohya_name("lora_unet_" if part == "unet" else "lora_te_", path)
+        if style in ("kohya", "peft"):
+            down, up = _lora_factors(shape, rank, generator)
+            if style == "kohya":
+                tensors |= {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up, f"{kohya}.alpha": alpha}
+            else:
+                peft = ("unet." if part == "unet" else "text_encoder.") + path
+                tensors |= {f"{peft}.lora_A.weight": down, f"{peft}.lora_B.weight": up}
+        elif style == "loha":
+            tensors |= _loha_tensors(kohya, shape, rank, generator) | {f"{kohya}.alpha": alpha}
+        else:
+            tensors |= _lokr_tensors(kohya, shape, rank // 2, generator) | {f"{kohya}.alpha": alpha}
+    metadata = {"format": "pt"}
+    if style == "peft":
+        adapter = {"unet.lora_alpha": rank / 2, "unet.r": rank, "text_encoder.lora_alpha": rank / 2, "text_encoder.r": rank}
+        metadata["lora_adapter_metadata"] = json.dumps(adapter, sort_keys=True)
+    return tensors, metadata
+
+
+def write_tiny_lora(
+    path: str | os.PathLike, family: str = "sd1", style: str = "kohya", *, rank: int = 4, seed: int = 0,
+    conv: bool = False, text: bool = True,
+) -> Path:
+    """A tiny LoRA file (tiny_lora_tensors): `.safetensors`, or a plain pickle of the tensors for `.pt`."""
+    path = Path(path)
+    tensors, metadata = tiny_lora_tensors(family, style, rank=rank, seed=seed, conv=conv, text=text)
+    if path.suffix.lower() == ".safetensors":
+        save_file(_cast(tensors, torch.float32), str(path), metadata=metadata)
+    else:
+        torch.save(tensors, path)
+    return path
