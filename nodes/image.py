@@ -1,5 +1,5 @@
 """Image nodes: loading from the input folder, saving (PNG with the workflow in it) and previews, resizing,
-cropping, inverting, batching, blank images and padding for outpainting.
+cropping, inverting, batching, blank images, masked pasting and padding for outpainting.
 
 IMAGE is float32 [B, H, W, C] in 0..1 on the CPU, MASK float32 [B, H, W] with 1 = the area to repaint
 (nodes/values.py). Files are only ever read from the input folder and written into the output and temp
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from datetime import datetime
@@ -17,13 +18,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from engine import Combo, ExecutionContext, Float, Hidden, Int, NodeResult, RunSettings, Socket, String, node
+from engine import Boolean, Combo, ExecutionContext, Float, Hidden, Int, NodeResult, RunSettings, Socket, String, node
 from engine.paths import UnsafePathError, list_files, resolve_inside
-from nodes.latent import MAX_RESOLUTION, center_crop_to_aspect, upscale_samples
+from nodes.latent import MAX_RESOLUTION, center_crop_to_aspect, mask_batch, upscale_samples
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
@@ -378,4 +380,36 @@ def EmptyImage(width: Int(512, min=1, max=MAX_RESOLUTION, step=1), height: Int(5
     """A batch of one colour, given as 0xRRGGBB."""
     rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
     return (rgb.expand(batch_size, height, width, 3).clone(),)
+
+
+def repeat_to_batch(values: Tensor, size: int) -> Tensor:
+    """The first `size` items of `values` repeated as often as needed (ComfyUI's batch matching)."""
+    return values.repeat(math.ceil(size / values.shape[0]), *[1] * (values.dim() - 1))[:size]
+
+
+@node(category="image", outputs=["IMAGE"])
+def ImageCompositeMasked(destination: Socket("IMAGE"), source: Socket("IMAGE"),
+                         x: Int(0, min=0, max=MAX_RESOLUTION, step=1), y: Int(0, min=0, max=MAX_RESOLUTION, step=1),
+                         resize_source: Boolean(False), mask: Socket("MASK", optional=True) = None) -> tuple:
+    """`source` pasted onto `destination` with its top-left corner at (x, y), blended by `mask` (resized to
+    the source, bilinear) where given, clipped at the destination's edges."""
+    destination, source = image_batch(destination, "destination"), image_batch(source, "source")
+    if destination.shape[-1] != source.shape[-1]:
+        raise ValueError(f"source: {source.shape[-1]} channels cannot paste onto {destination.shape[-1]}")
+    result = destination.clone()
+    height, width = destination.shape[1:3]
+    if resize_source:
+        source = scale_image(source, width, height, "bilinear")
+    source = repeat_to_batch(source, destination.shape[0])
+    if mask is None:
+        weight = torch.ones_like(source[..., :1])
+    else:
+        masks = F.interpolate(mask_batch(mask, "mask").unsqueeze(1), size=source.shape[1:3], mode="bilinear")
+        weight = repeat_to_batch(masks, source.shape[0]).movedim(1, -1)
+    x, y = min(x, width), min(y, height)
+    bottom, right = min(y + source.shape[1], height), min(x + source.shape[2], width)
+    source, weight = source[:, :bottom - y, :right - x], weight[:, :bottom - y, :right - x]
+    region = result[:, y:bottom, x:right]
+    result[:, y:bottom, x:right] = weight * source + (1.0 - weight) * region
+    return (result,)
 

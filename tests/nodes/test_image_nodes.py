@@ -16,7 +16,7 @@ from PIL import Image
 import cli
 from engine import Executor, ResultCache
 from engine.workflow import png_text_chunks, read_workflow_file
-from nodes.image import (EmptyImage, ImageBatch, ImageCrop, ImageFromBatch, ImageInvert, ImagePadForOutpaint,
+from nodes.image import (EmptyImage, ImageBatch, ImageCompositeMasked, ImageCrop, ImageFromBatch, ImageInvert, ImagePadForOutpaint,
                          ImageScale, ImageScaleBy, LoadImage, LoadImageMask, PreviewImage, RepeatImageBatch,
                          SaveImage, expand_filename_prefix, input_images)
 
@@ -333,3 +333,24 @@ def test_empty_image_is_filled_with_the_rgb_colour():
     (image,) = EmptyImage(5, 4, 2, 0xFF8000)
     assert image.shape == (2, 4, 5, 3)
     assert torch.equal(image.reshape(-1, 3).unique(dim=0), torch.tensor([[1.0, 128 / 255, 0.0]]))
+
+
+def test_image_composite_masked_pastes_the_source_clipped_at_the_edges():
+    destination, source = torch.zeros(2, 6, 8, 3), torch.ones(1, 4, 4, 3)
+    (result,) = ImageCompositeMasked(destination, source, 6, 3, False)
+    expected = torch.zeros(2, 6, 8, 3)
+    expected[:, 3:, 6:] = 1.0
+    assert torch.equal(result, expected) and torch.all(destination == 0)
+
+
+def test_image_composite_masked_blends_by_the_mask_resized_to_the_source():
+    destination, source = torch.zeros(1, 4, 4, 3), torch.ones(1, 4, 4, 3)
+    mask = torch.tensor([[[0.0, 1.0], [0.5, 0.25]]])
+    (result,) = ImageCompositeMasked(destination, source, 0, 0, False, mask)
+    weight = F.interpolate(mask.unsqueeze(1), size=(4, 4), mode="bilinear")[0, 0]
+    assert torch.allclose(result[0, ..., 0], weight)
+
+
+def test_image_composite_masked_can_resize_the_source_to_the_destination():
+    (result,) = ImageCompositeMasked(torch.zeros(1, 6, 6, 3), torch.ones(1, 2, 3, 3), 0, 0, True)
+    assert torch.equal(result, torch.ones(1, 6, 6, 3))
