@@ -104,8 +104,9 @@ def _checked_sigmas(node_name: str, sigmas: Any, input_name: str = "sigmas") -> 
     if not isinstance(sigmas, Tensor) or sigmas.dim() != 1:
         raise ValueError(f"{node_name}: {input_name} must be a 1-D SIGMAS tensor")
     if sigmas.numel() == 0:
+        # ComfyUI silently returns the latent here; an empty schedule is almost always a wiring mistake.
         raise ValueError(f"{node_name}: {input_name} is empty: there is no noise level to sample from "
-                         "(a scheduler at denoise 0, or a split at step 0?)")
+                         "(BasicScheduler at denoise 0, or SplitSigmas past the last step?)")
     if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
         raise ValueError(f"{node_name}: {input_name} must be finite and non-negative, got {sigmas.tolist()}")
     return sigmas.detach().float().cpu()

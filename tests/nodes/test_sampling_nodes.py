@@ -5,6 +5,7 @@ progress, previews and interrupts. All on the tiny SD1 checkpoint (tests/nodes/c
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -275,8 +276,10 @@ def test_a_loop_of_unet_denoise_and_euler_steps_equals_the_euler_sampler(model, 
     for step in range(len(sigmas) - 1):
         (denoised,) = UNetDenoiseStep(model, positive, negative, CFG_SCALE, x, sigmas, step)
         (x,) = EulerStep(x, denoised, sigmas, step)
-    # measured: 2e-6 of the latent's largest value (float32 round-off of the latent-format scaling per step)
-    assert relative_error(x["samples"], reference["samples"]) < 1e-5
+    error = relative_error(x["samples"], reference["samples"])
+    # measured: 2.5e-6 of the latent's largest value (~275 here: random tiny weights at cfg 7 give large latents),
+    # the float32 round-off of moving x in and out of the model's latent scaling at every step
+    assert error < 1e-5
 
 
 def test_unet_denoise_step_reports_its_place_in_the_loop(model, prompts, node_settings):
@@ -335,6 +338,15 @@ def test_ksampler_reports_every_step_with_a_jpeg_preview_of_the_first(model, pro
     assert [(value, maximum) for value, maximum, _ in recorder.reports] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     kind, jpeg = recorder.reports[0][2]
     assert kind == "JPEG" and jpeg[:2] == b"\xff\xd8"  # the JPEG start-of-image marker
+
+
+def test_previews_go_out_at_most_four_times_a_second(model, prompts, node_settings):
+    recorder = Recorder(node_settings)
+    started = time.monotonic()
+    ksample(model, prompts, empty_latent(), steps=12, context=recorder.context)
+    elapsed = time.monotonic() - started
+    previews = sum(preview is not None for *_, preview in recorder.reports)
+    assert len(recorder.reports) == 12 and 1 <= previews <= 1 + 4 * elapsed
 
 
 def test_no_previews_when_the_run_turns_them_off(model, prompts, node_settings):
