@@ -30,6 +30,7 @@ from nodes.latent import MAX_RESOLUTION, center_crop_to_aspect, mask_batch, upsc
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 MASK_CHANNELS = ["alpha", "red", "green", "blue"]
+_RGBA_INDEX = {"red": 0, "green": 1, "blue": 2, "alpha": 3}
 #: ComfyUI's LoadImage mask when the picture has no alpha: a 64x64 zero mask, not one of the image's size.
 NO_ALPHA_MASK_SIZE = 64
 SAVE_COMPRESS_LEVEL = 4
@@ -112,7 +113,7 @@ def LoadImageMask(image: Combo(input_images, image_upload=True), channel: Combo(
                   *, context: ExecutionContext) -> tuple:
     with _open_input(context.settings, image) as picture:
         rgba = _rgba(picture)
-    values = torch.from_numpy(rgba[..., MASK_CHANNELS.index(channel) - 1].copy())
+    values = torch.from_numpy(rgba[..., _RGBA_INDEX[channel]].copy())
     return ((1.0 - values if channel == "alpha" else values).unsqueeze(0).float(),)
 
 
