@@ -24,8 +24,13 @@ from nodes.values import VaeHandle
 
 log = logging.getLogger(__name__)
 
-_TEMPORAL_TOOLTIPS = ("Only used for video VAEs: Amount of frames to {} at a time.",
-                      "Only used for video VAEs: Amount of frames to overlap.")
+# The tiled nodes' inputs as ComfyUI declares them; the temporal ones only matter to video VAEs.
+TILE_OVERLAP = Int(64, min=0, max=4096, step=32)
+TEMPORAL_OVERLAP = Int(8, min=4, max=4096, step=4, tooltip="Only used for video VAEs: Amount of frames to overlap.")
+
+
+def _temporal_size(verb: str) -> Int:
+    return Int(64, min=8, max=4096, step=4, tooltip=f"Only used for video VAEs: Amount of frames to {verb} at a time.")
 
 
 def _vae_of(vae: Any) -> AutoencoderKL:
@@ -150,7 +155,7 @@ def blend_tiles(run: Callable[[Tensor], Tensor], source: Tensor, grid: tuple[int
     return blended / weight
 
 
-def _tiling(tile_size: int, overlap: int, factor: int) -> tuple[int, int]:
+def latent_tiling(tile_size: int, overlap: int, factor: int) -> tuple[int, int]:
     """Pixel tile size and overlap -> latent ones; an overlap over a quarter of the tile is cut to a
     quarter (ComfyUI's rule), so every tile still advances."""
     if tile_size < overlap * 4:
@@ -163,9 +168,9 @@ def VAEDecodeTiled(
     samples: Socket("LATENT"),
     vae: Socket("VAE"),
     tile_size: Int(512, min=64, max=4096, step=32),
-    overlap: Int(64, min=0, max=4096, step=32),
-    temporal_size: Int(64, min=8, max=4096, step=4, tooltip=_TEMPORAL_TOOLTIPS[0].format("decode")),
-    temporal_overlap: Int(8, min=4, max=4096, step=4, tooltip=_TEMPORAL_TOOLTIPS[1]),
+    overlap: TILE_OVERLAP,
+    temporal_size: _temporal_size("decode"),
+    temporal_overlap: TEMPORAL_OVERLAP,
     *, context: ExecutionContext,
 ) -> tuple:
     """Decode in overlapping tiles of tile_size pixels: less memory, seams blended. The temporal inputs are
@@ -173,9 +178,9 @@ def VAEDecodeTiled(
     autoencoder = _vae_of(vae)
     latent = _decodable(samples, autoencoder)
     factor = autoencoder.config.downscale_factor
-    tile, overlap_latent = _tiling(tile_size, overlap, factor)
+    tile, overlap_latent = latent_tiling(tile_size, overlap, factor)
     with _running(autoencoder, context) as device:
-        decoded = blend_tiles(lambda piece: autoencoder.decode(piece), latent.to(device, autoencoder.dtype),
+        decoded = blend_tiles(autoencoder.decode, latent.to(device, autoencoder.dtype),
                               tuple(latent.shape[-2:]), tile, overlap_latent, 1, factor,
                               autoencoder.config.out_channels, context.progress)
         return (_to_image(decoded),)
@@ -186,16 +191,16 @@ def VAEEncodeTiled(
     pixels: Socket("IMAGE"),
     vae: Socket("VAE"),
     tile_size: Int(512, min=64, max=4096, step=64),
-    overlap: Int(64, min=0, max=4096, step=32),
-    temporal_size: Int(64, min=8, max=4096, step=4, tooltip=_TEMPORAL_TOOLTIPS[0].format("encode")),
-    temporal_overlap: Int(8, min=4, max=4096, step=4, tooltip=_TEMPORAL_TOOLTIPS[1]),
+    overlap: TILE_OVERLAP,
+    temporal_size: _temporal_size("encode"),
+    temporal_overlap: TEMPORAL_OVERLAP,
     *, context: ExecutionContext,
 ) -> tuple:
     """Encode in overlapping tiles of tile_size pixels; the temporal inputs only matter for video VAEs."""
     autoencoder = _vae_of(vae)
     factor = autoencoder.config.downscale_factor
     pixels = _cropped(_image_batch(pixels, "pixels", factor), factor, context)
-    tile, overlap_latent = _tiling(tile_size, overlap, factor)
+    tile, overlap_latent = latent_tiling(tile_size, overlap, factor)
     grid = (pixels.shape[1] // factor, pixels.shape[2] // factor)
     with _running(autoencoder, context) as device:
         latent = blend_tiles(autoencoder.encode, _to_vae_input(pixels, autoencoder, device), grid, tile,

@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 from diffusion.tiny_models import write_tiny_diffusers_folder
-from engine import ExecutionContext
+from engine import ExecutionContext, Executor, NodeResult, Socket, node
+from engine.events import Progress
 from nodes.values import VaeHandle
-from nodes.vae import (VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, VAEEncodeTiled, blend_tiles,
-                       grow_mask)
+from nodes.vae import (VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, VAEEncodeTiled, latent_tiling,
+                       blend_tiles, grow_mask)
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +140,10 @@ def test_tiled_decode_stays_close_to_the_full_decode_and_reports_each_tile(vae, 
     assert reports == [(1, 2), (2, 2), (1, 2), (2, 2)]
 
 
-def test_tiled_decode_cuts_an_overlap_over_a_quarter_of_the_tile(vae, recorded):
-    samples = {"samples": _latent(1, 16, 24)}
-    (quarter,) = VAEDecodeTiled(samples, vae, 128, 32, 64, 8, context=recorded[0])
-    (too_wide,) = VAEDecodeTiled(samples, vae, 128, 96, 64, 8, context=recorded[0])
-    assert torch.equal(too_wide, quarter)
+def test_tiling_counts_latent_pixels_and_cuts_an_overlap_over_a_quarter_of_the_tile():
+    assert latent_tiling(512, 64, 8) == (64, 8)
+    assert latent_tiling(128, 96, 8) == (16, 4)  # 96 > 128 / 4: the overlap becomes 32 pixels
+    assert latent_tiling(64, 0, 8) == (8, 0)
 
 
 def test_tiled_decode_with_a_tile_over_the_whole_latent_is_the_full_decode(vae, recorded):
@@ -216,3 +217,28 @@ def test_vae_node_schemas_match_comfyui():
     assert VAEEncodeForInpaint.object_info()["input"]["required"]["grow_mask_by"] == [
         "INT", {"default": 6, "min": 0, "max": 64, "step": 1}]
     assert [o.type for o in (VAEEncode.outputs + VAEDecode.outputs)] == ["LATENT", "IMAGE"]
+
+
+@node(category="test", output_node=True)
+def RecordDecodedShape(images: Socket("IMAGE")) -> NodeResult:
+    return NodeResult(ui={"shape": list(images.shape)})
+
+
+def test_an_old_tiled_decode_workflow_runs_through_the_executor_with_tile_progress(node_settings, tiny_names):
+    registry = cli.load_registry([])
+    registry.register(RecordDecodedShape)
+    executor = Executor(registry, settings=node_settings)
+    events = []
+    executor.subscribe(events.append)
+    # Saved before `overlap` and the temporal inputs existed: they take their defaults (overlap 64 -> 16).
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_names.sd1}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 2], "tile_size": 64}},
+        "4": {"class_type": "RecordDecodedShape", "inputs": {"images": ["3", 0]}},
+    }
+    result = executor.execute(prompt)
+    assert result.ok, result.error
+    assert result.outputs["4"] == {"shape": [1, 64, 128, 3]}
+    # 8-latent tiles with a 2-latent overlap over 16 columns start at 0, 6 and 8
+    assert [(e.value, e.max) for e in events if isinstance(e, Progress) and e.node == "3"] == [(1, 3), (2, 3), (3, 3)]
