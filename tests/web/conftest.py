@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -58,26 +59,26 @@ def headless_chromium(chromium_path: str) -> Iterator:
         browser.close()
 
 
-@pytest.fixture(scope="session")
-def editor_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("editor-server")
+@contextmanager
+def running_server(root: Path, node_arguments: list[str]) -> Iterator[str]:
+    """`sdgraph serve` on a free loopback port with its folders under `root`; yields the editor's URL."""
     port = free_port()
     log = (root / "server.log").open("wb")
     process = subprocess.Popen(
-        [str(SDGRAPH), "serve", "--port", str(port), "--no-default-nodes", "--nodes", str(TOY_NODES), "--nodes", str(WEB_NODES),
+        [str(SDGRAPH), "serve", "--port", str(port), *node_arguments,
          "--models-dir", str(root / "models"), "--input-dir", str(root / "input"), "--output-dir", str(root / "output"),
          "--temp-dir", str(root / "temp"), "--database", str(root / "queue.sqlite")],
         stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while True:
             try:
                 with urllib.request.urlopen(base + "/object_info", timeout=2):
                     break
             except OSError:
                 assert process.poll() is None, (root / "server.log").read_text()
-                assert time.monotonic() < deadline, "sdgraph serve did not answer within 30 s"
+                assert time.monotonic() < deadline, "sdgraph serve did not answer within 90 s"
                 time.sleep(0.1)
         with urllib.request.urlopen(base + "/", timeout=5) as answer:
             serves_editor = b'id="root"' in answer.read()
@@ -89,26 +90,48 @@ def editor_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-@pytest.fixture
-def editor(headless_chromium, editor_url: str, request: pytest.FixtureRequest) -> Iterator:
+@pytest.fixture(scope="session")
+def editor_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(tmp_path_factory.mktemp("toy-server"),
+                        ["--no-default-nodes", "--nodes", str(TOY_NODES), "--nodes", str(WEB_NODES)]) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sd_editor_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server with the built-in SD nodes (and so the built-in demo checkpoint)."""
+    with running_server(tmp_path_factory.mktemp("sd-server"), []) as url:
+        yield url
+
+
+def open_editor(browser, url: str, request: pytest.FixtureRequest) -> Iterator:
     """A fresh browser context (empty local storage) on the editor page, failing the test on any console
     error that the test did not declare expected in `page.expected_errors` (regular expressions)."""
-    context = headless_chromium.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
     page = context.new_page()
     errors: list[str] = []
     page.on("console", lambda message: message.type == "error" and errors.append(f"{message.text} @ {message.location.get('url')}"))
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.expected_errors = []
-    page.goto(editor_url)
+    page.goto(url)
     page.wait_for_selector(".react-flow__node")
     yield page
-    failed = getattr(request.node, "failed_call", False)
-    if failed:
+    if getattr(request.node, "failed_call", False):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"failed-{request.node.name}.png"))
     context.close()
     unexpected = [e for e in errors if not any(re.search(pattern, e) for pattern in page.expected_errors)]
     assert unexpected == [], f"console errors: {unexpected}"
+
+
+@pytest.fixture
+def editor(headless_chromium, editor_url: str, request: pytest.FixtureRequest) -> Iterator:
+    yield from open_editor(headless_chromium, editor_url, request)
+
+
+@pytest.fixture
+def sd_editor(headless_chromium, sd_editor_url: str, request: pytest.FixtureRequest) -> Iterator:
+    yield from open_editor(headless_chromium, sd_editor_url, request)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -38,6 +38,8 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
   const flow = useReactFlow();
   const [palette, setPalette] = useState<PaletteRequest | null>(null);
   const dragging = useRef<PaletteRequest["from"] | null>(null);
+  // Measured sizes live beside the graph, not in it: they are the browser's, not the workflow's.
+  const [measured, setMeasured] = useState<Record<string, { width: number; height: number }>>({});
 
   const nodes = useMemo<Node[]>(() => [
     ...graph.groups.map((group, index): Node<GroupData> => ({
@@ -47,9 +49,10 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
     })),
     ...graph.nodes.map((n): Node<NodeData> => ({
       id: n.id, type: "sd", position: { x: n.pos[0], y: n.pos[1] }, data: { nodeId: n.id }, selected: selectedNodes.includes(n.id),
+      measured: measured[n.id],
       style: n.size && n.classType !== "Reroute" ? { width: Math.max(180, n.size[0]) } : undefined,
     })),
-  ], [graph.nodes, graph.groups, selectedNodes, selectedGroup]);
+  ], [graph.nodes, graph.groups, selectedNodes, selectedGroup, measured]);
 
   const edges = useMemo<Edge[]>(() => graph.links.map((link) => ({
     id: link.id, source: link.source, target: link.target, sourceHandle: `out:${link.sourceSlot}`, targetHandle: `in:${link.targetInput}`,
@@ -58,6 +61,8 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
   })), [graph.links, selectedLinks]);
 
   const onNodesChange = useCallback((changes: NodeChange[]) => {
+    const sizes = changes.flatMap((c) => (c.type === "dimensions" && c.dimensions ? [[c.id, c.dimensions] as const] : []));
+    if (sizes.length) setMeasured((old) => ({ ...old, ...Object.fromEntries(sizes) }));
     let finished = false;
     edit((g) => {
       let next = g;
