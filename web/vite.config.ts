@@ -10,7 +10,7 @@ import type { Plugin } from "vite";
 function bundleSources(root: string): string[] {
   const walk = (dir: string): string[] => readdirSync(dir, { withFileTypes: true }).flatMap((entry) => {
     const path = join(dir, entry.name);
-    if (entry.isDirectory()) return entry.name === "fixtures" ? [] : walk(path);
+    if (entry.isDirectory()) return entry.name === "fixtures" || entry.name === "node_modules" ? [] : walk(path);
     return entry.name.endsWith(".test.ts") ? [] : [path];
   });
   return [...walk(join(root, "src")), join(root, "package-lock.json"), join(root, "vite.config.ts")]
@@ -37,6 +37,7 @@ const server = "http://127.0.0.1:8188";
 // The page's source lives in src/ so that web/index.html stays the server's API console fallback.
 export default defineConfig({
   root: "src",
+  cacheDir: "../node_modules/.vite",
   base: "./",
   plugins: [react(), sourceHash()],
   build: { outDir: "../dist", emptyOutDir: true, sourcemap: false, chunkSizeWarningLimit: 1000 },

@@ -16,9 +16,10 @@ DIST = WEB / "dist"
 
 
 def bundle_sources() -> list[str]:
-    """The same list as vite.config.ts's bundleSources: src/ without tests and fixtures, lockfile, config."""
+    """The same list as vite.config.ts's bundleSources: src/ without tests, fixtures and caches; lockfile, config."""
     sources = [path.relative_to(WEB).as_posix() for path in (WEB / "src").rglob("*")
-               if path.is_file() and not path.name.endswith(".test.ts") and "fixtures" not in path.relative_to(WEB / "src").parts]
+               if path.is_file() and not path.name.endswith(".test.ts")
+               and not {"fixtures", "node_modules"} & set(path.relative_to(WEB / "src").parts)]
     return sorted([*sources, "package-lock.json", "vite.config.ts"])
 
 
