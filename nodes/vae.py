@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # The tiled nodes' inputs as ComfyUI declares them; the temporal ones only matter to video VAEs.
 TILE_OVERLAP = Int(64, min=0, max=4096, step=32)
 TEMPORAL_OVERLAP = Int(8, min=4, max=4096, step=4, tooltip="Only used for video VAEs: Amount of frames to overlap.")
+#: Latent tile and overlap of the out-of-memory encode fallback: ComfyUI's 512 and 64 pixels.
+FALLBACK_TILE, FALLBACK_OVERLAP = 64, 8
 
 
 def _temporal_size(verb: str) -> Int:
@@ -98,9 +100,24 @@ def _decodable(samples: Any, vae: AutoencoderKL) -> Tensor:
 
 
 def encode_pixels(vae: AutoencoderKL, pixels: Tensor, context: ExecutionContext) -> Tensor:
-    """IMAGE (already a multiple of the VAE's factor) -> raw latent [B, z, H/f, W/f], float32 CPU."""
+    """IMAGE (already a multiple of the VAE's factor) -> raw latent [B, z, H/f, W/f], float32 CPU.
+
+    An encode too large for the device memory is redone in tiles of 512 pixels, as ComfyUI's VAE does."""
+    factor = vae.config.downscale_factor
     with _running(vae, context) as device:
-        return vae.encode(_to_vae_input(pixels, vae, device)).float().cpu()
+        batch = _to_vae_input(pixels, vae, device)
+        try:
+            return vae.encode(batch).float().cpu()
+        except torch.OutOfMemoryError:
+            log.warning("%s (node %s): VAE encode ran out of memory; retrying in %d-pixel tiles",
+                        context.class_type, context.node_id, FALLBACK_TILE * factor)
+        # Retried outside the except block, whose traceback still holds the failed attempt's activations.
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        grid = (batch.shape[-2] // factor, batch.shape[-1] // factor)
+        latent = blend_tiles(vae.encode, batch, grid, FALLBACK_TILE, FALLBACK_OVERLAP, factor, 1,
+                             vae.config.z_channels, lambda done, total: context.check_interrupt())
+        return latent.cpu()
 
 
 @node(category="latent", outputs=["LATENT"])
