@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine import folder_files
 
@@ -334,6 +335,8 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             raise JsonError(413, "upload_too_large", f"uploads are limited to {MAX_UPLOAD_BYTES} bytes",
                             headers={"Connection": "close"})
+        except (ValueError, HttpProcessingError) as problem:  # a multipart body aiohttp cannot parse
+            raise JsonError(400, "bad_file_request", f"malformed multipart body: {problem}")
         upload = fields.get("image")
         if not isinstance(upload, web.FileField):
             raise JsonError(400, "bad_file_request", "upload needs a multipart file field 'image'")

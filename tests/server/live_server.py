@@ -6,15 +6,18 @@ import asyncio
 import io
 import json
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
+from aiohttp import web
 
 import server as sdgraph_server
-from engine import RunSettings
+import server_nodes
+from engine import Registry, RunSettings, import_node_module
 
 TOY_NODES = Path(__file__).parents[1] / "engine" / "toy_nodes.py"
 
@@ -24,6 +27,40 @@ class LiveServer:
     url: str
     settings: RunSettings
     state: sdgraph_server.Server
+
+
+def launch(root: Path, preview: str = "auto", **options: Any) -> tuple[LiveServer, Callable[[], None]]:
+    """A server over folders under `root`, with the toy and server nodes, running in a thread of its own;
+    returns it and the function that stops it. `options` are Server's keyword options."""
+    registry = Registry()
+    registry.load_module(import_node_module(str(TOY_NODES)))
+    registry.load_module(server_nodes)
+    settings = RunSettings(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
+                           temp_dir=root / "temp", device="cpu", preview=preview)
+    state = sdgraph_server.Server(settings, registry, allowed_hosts=sdgraph_server.allowed_hosts_for("127.0.0.1"),
+                                  **options)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(state.app())
+    started = threading.Event()
+
+    def run_server() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run_server, daemon=True)
+    thread.start()
+    assert started.wait(10), "server did not start"
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    return LiveServer(f"http://127.0.0.1:{port}", settings, state), stop
 
 
 def free_port() -> int:
