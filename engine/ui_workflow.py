@@ -130,6 +130,8 @@ def _parse(workflow: Mapping[str, Any]) -> tuple[dict[str, UINode], dict[Any, UI
             widgets_values=raw.get("widgets_values"), title=raw.get("title"))
     links: dict[Any, UILink] = {}
     for position, raw in enumerate(workflow["links"] or ()):
+        if raw is None:
+            continue  # a deleted link's empty slot, harmless
         parsed = _link(raw)
         if parsed is None:
             problems.append(f"links[{position}]: expected [id, origin_id, origin_slot, target_id, target_slot, "

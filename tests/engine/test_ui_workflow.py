@@ -269,10 +269,10 @@ def test_schema_1_links_given_as_objects_convert_like_arrays():
     assert ui_to_api(as_objects, REGISTRY) == ui_to_api(graph, REGISTRY)
 
 
-def test_a_malformed_link_is_reported_with_its_position():
+def test_a_malformed_link_is_reported_with_its_position_and_an_empty_slot_is_skipped():
     graph = sampler_graph([1, "fixed", 12, "euler", 1.0])
-    graph["links"].append(["x"])
-    with pytest.raises(UIWorkflowError, match=r"links\[3\]: expected"):
+    graph["links"] += [None, ["x"]]
+    with pytest.raises(UIWorkflowError, match=r"links\[4\]: expected \[id"):
         ui_to_api(graph, REGISTRY)
 
 
