@@ -29,7 +29,7 @@ from diffusion.sampling import (SAMPLER_NAMES, SCHEDULER_NAMES, SampleOutput, Sa
                                 karras_sigmas, ksampler_sigmas, sample, sample_custom)
 from diffusion.sampling.denoiser import StepCallback, to_d
 from diffusion.sampling.noise import MAX_SEED
-from diffusion.sampling.schedulers import exponential_sigmas
+from diffusion.sampling.schedulers import beta_sigmas, exponential_sigmas
 from engine import Boolean, Combo, ExecutionContext, Float, Int, RunSettings, Socket, node
 from nodes.previews import sampling_progress
 from nodes.runtime import compute_device, model_manager
@@ -63,9 +63,11 @@ class Noise:
 
 @dataclass(frozen=True)
 class Sampler:
-    """SAMPLER: a sampler by its ComfyUI name (diffusion.sampling.SAMPLER_NAMES)."""
+    """SAMPLER: a sampler by its ComfyUI name (diffusion.sampling.SAMPLER_NAMES) and keyword options for its
+    function (eta, s_noise, ...) set by the parameterised sampler nodes."""
 
     name: str
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,11 +114,11 @@ def _checked_sigmas(node_name: str, sigmas: Any, input_name: str = "sigmas") -> 
     return sigmas.detach().float().cpu()
 
 
-def _checked_sampler(node_name: str, sampler: Any) -> str:
+def _checked_sampler(node_name: str, sampler: Any) -> Sampler:
     _require(sampler, Sampler, node_name, "sampler", "SAMPLER")
     if sampler.name not in SAMPLER_NAMES:
         raise ValueError(f"{node_name}: sampler {sampler.name!r} is not available; known: {', '.join(SAMPLER_NAMES)}")
-    return sampler.name
+    return sampler
 
 
 def _with_samples(latent: Latent, samples: Tensor) -> dict[str, Any]:
@@ -146,13 +148,13 @@ def run_sampling(node_name: str, model: ModelHandle, latent: Latent, context: Ex
     return _with_samples(latent, result.samples), _with_samples(latent, result.denoised)
 
 
-def _run_custom(node_name: str, guider: Guider, sampler_name: str, sigmas: Tensor, noise: Noise, latent: Latent,
+def _run_custom(node_name: str, guider: Guider, sampler: Sampler, sigmas: Tensor, noise: Noise, latent: Latent,
                 context: ExecutionContext | None) -> tuple[dict[str, Any], dict[str, Any]]:
     def run(model: SamplingModel, samples: Tensor, noise_mask: Tensor | None, batch_index: list[int] | None,
             callback: StepCallback | None) -> SampleOutput:
-        return sample_custom(model, guider.positive, guider.negative, samples, sigmas, sampler_name,
+        return sample_custom(model, guider.positive, guider.negative, samples, sigmas, sampler.name,
                              seed=noise.seed, cfg=guider.cfg, add_noise=noise.enabled, noise_mask=noise_mask,
-                             batch_index=batch_index, callback=callback)
+                             batch_index=batch_index, callback=callback, sampler_options=dict(sampler.options))
 
     return run_sampling(node_name, guider.model, latent, context, run)
 
@@ -219,6 +221,63 @@ def KSamplerSelect(sampler_name: Combo(SAMPLER_NAMES)) -> tuple:
     return (Sampler(sampler_name),)
 
 
+# The stochastic samplers' own nodes: eta scales the fresh noise of each step (0 makes them deterministic),
+# s_noise its amount; noise_device "gpu" draws the Brownian tree on the sampling device, as ComfyUI does.
+ETA = Float(1.0, min=0.0, max=100.0, step=0.01)
+S_NOISE = Float(1.0, min=0.0, max=100.0, step=0.01)
+NOISE_DEVICE = Combo(["gpu", "cpu"])
+
+
+def _on_device(name: str, noise_device: str) -> str:
+    return f"{name}_gpu" if noise_device == "gpu" else name
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerEulerAncestral(eta: ETA, s_noise: S_NOISE) -> tuple:
+    """euler_ancestral with its noise options."""
+    return (Sampler("euler_ancestral", (("eta", eta), ("s_noise", s_noise))),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerEulerAncestralCFGPP(eta: Float(1.0, min=0.0, max=1.0, step=0.01),
+                               s_noise: Float(1.0, min=0.0, max=10.0, step=0.01)) -> tuple:
+    """euler_ancestral_cfg_pp with its noise options."""
+    return (Sampler("euler_ancestral_cfg_pp", (("eta", eta), ("s_noise", s_noise))),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerDPMPP_2S_Ancestral(eta: ETA, s_noise: S_NOISE) -> tuple:
+    """dpmpp_2s_ancestral with its noise options."""
+    return (Sampler("dpmpp_2s_ancestral", (("eta", eta), ("s_noise", s_noise))),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerDPMPP_SDE(eta: ETA, s_noise: S_NOISE, r: Float(0.5, min=0.0, max=100.0, step=0.01),
+                     noise_device: NOISE_DEVICE) -> tuple:
+    """dpmpp_sde with its noise options and the position r of its intermediate step."""
+    return (Sampler(_on_device("dpmpp_sde", noise_device), (("eta", eta), ("s_noise", s_noise), ("r", r))),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerDPMPP_2M_SDE(solver_type: Combo(["midpoint", "heun"]), eta: ETA, s_noise: S_NOISE,
+                        noise_device: NOISE_DEVICE) -> tuple:
+    """dpmpp_2m_sde with its second-order correction (midpoint or heun) and noise options."""
+    options = (("solver_type", solver_type), ("eta", eta), ("s_noise", s_noise))
+    return (Sampler(_on_device("dpmpp_2m_sde", noise_device), options),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerDPMPP_3M_SDE(eta: ETA, s_noise: S_NOISE, noise_device: NOISE_DEVICE) -> tuple:
+    """dpmpp_3m_sde with its noise options."""
+    return (Sampler(_on_device("dpmpp_3m_sde", noise_device), (("eta", eta), ("s_noise", s_noise))),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/samplers", outputs=[("SAMPLER", "SAMPLER")])
+def SamplerLMS(order: Int(4, min=1, max=100)) -> tuple:
+    """lms with the number of past slopes it combines."""
+    return (Sampler("lms", (("order", order),)),)
+
+
 @node(category=f"{CUSTOM_SAMPLING}/guiders", outputs=[("GUIDER", "GUIDER")])
 def CFGGuider(model: Socket("MODEL"), positive: Socket("CONDITIONING"), negative: Socket("CONDITIONING"),
               cfg: CFG) -> tuple:
@@ -238,6 +297,16 @@ def BasicScheduler(model: Socket("MODEL"), scheduler: Combo(SCHEDULER_NAMES), st
     """A named schedule on the model's noise levels; denoise d < 1 keeps the last steps of int(steps / d)."""
     # KSampler's schedule minus its dpm_2/uni_pc extra sigma, which "euler" never asks for.
     return (ksampler_sigmas(model.model_sampling, scheduler, "euler", steps, denoise),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
+def BetaSamplingScheduler(model: Socket("MODEL"), steps: STEPS, alpha: Float(0.6, min=0.0, max=50.0, step=0.01),
+                          beta: Float(0.6, min=0.0, max=50.0, step=0.01)) -> tuple:
+    """Timesteps at Beta(alpha, beta) quantiles (Lee et al. 2024); the "beta" scheduler at 0.6, 0.6."""
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if value <= 0.0:
+            raise ValueError(f"BetaSamplingScheduler: {name} must be positive, got {value}")
+    return (beta_sigmas(model.model_sampling, steps, alpha, beta),)
 
 
 @node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
@@ -304,15 +373,33 @@ def SplitSigmasDenoise(sigmas: Socket("SIGMAS"), denoise: DENOISE) -> tuple:
     return (sigmas[:split + 1], sigmas[split:])
 
 
+@node(category=f"{CUSTOM_SAMPLING}/sigmas", outputs=[("SIGMAS", "SIGMAS")])
+def FlipSigmas(sigmas: Socket("SIGMAS")) -> tuple:
+    """The schedule reversed, from clean to noisy: sampling with it "unsamples" an image back to its noise."""
+    flipped = _checked_sigmas("FlipSigmas", sigmas).flip(0)
+    if flipped[0] == 0.0:
+        # A step from sigma 0 would divide by zero; ComfyUI starts at 1e-4 instead.
+        flipped[0] = 1e-4
+    return (flipped,)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/sigmas", outputs=[("SIGMAS", "SIGMAS")])
+def SetFirstSigma(sigmas: Socket("SIGMAS"), sigma: Float(136.0, min=0.0, max=20000.0, step=0.001)) -> tuple:
+    """The schedule with its first sigma replaced (e.g. a higher start for more initial noise)."""
+    changed = _checked_sigmas("SetFirstSigma", sigmas).clone()
+    changed[0] = sigma
+    return (changed,)
+
+
 @node(category=CUSTOM_SAMPLING, outputs=[("LATENT", "output"), ("LATENT", "denoised_output")])
 def SamplerCustom(model: Socket("MODEL"), add_noise: Boolean(True), noise_seed: SEED, cfg: CFG,
                   positive: Socket("CONDITIONING"), negative: Socket("CONDITIONING"), sampler: Socket("SAMPLER"),
                   sigmas: Socket("SIGMAS"), latent_image: Socket("LATENT"), *,
                   context: ExecutionContext | None = None) -> tuple:
     """Samples down the given sigmas with a chosen sampler; denoised_output is the last x0 estimate."""
-    sampler_name = _checked_sampler("SamplerCustom", sampler)
+    checked_sampler = _checked_sampler("SamplerCustom", sampler)
     checked = _checked_sigmas("SamplerCustom", sigmas)
-    return _run_custom("SamplerCustom", Guider(model, positive, negative, cfg), sampler_name, checked,
+    return _run_custom("SamplerCustom", Guider(model, positive, negative, cfg), checked_sampler, checked,
                        Noise(noise_seed, enabled=add_noise), latent_image, context)
 
 
@@ -323,9 +410,9 @@ def SamplerCustomAdvanced(noise: Socket("NOISE"), guider: Socket("GUIDER"), samp
     """SamplerCustom with the noise and the guidance as inputs of their own."""
     _require(noise, Noise, "SamplerCustomAdvanced", "noise", "NOISE")
     _require(guider, Guider, "SamplerCustomAdvanced", "guider", "GUIDER")
-    sampler_name = _checked_sampler("SamplerCustomAdvanced", sampler)
+    checked_sampler = _checked_sampler("SamplerCustomAdvanced", sampler)
     checked = _checked_sigmas("SamplerCustomAdvanced", sigmas)
-    return _run_custom("SamplerCustomAdvanced", guider, sampler_name, checked, noise, latent_image, context)
+    return _run_custom("SamplerCustomAdvanced", guider, checked_sampler, checked, noise, latent_image, context)
 
 
 # --- a sampler loop out of nodes (the module docstring) ----------------------------------------------------
@@ -352,16 +439,34 @@ def InitialNoisyLatent(model: Socket("MODEL"), noise: Socket("NOISE"), sigmas: S
     """The latent noised to sigmas[0] as every sampler starts: from pure noise (sigmas[0] at the model's
     largest sigma) the noise is scaled by sqrt(1 + sigma^2), else by sigma; an all-zero latent stays unshifted.
     The first input of a UNetDenoiseStep / EulerStep loop."""
-    _require(noise, Noise, "InitialNoisyLatent", "noise", "NOISE")
-    samples = _latent_samples("InitialNoisyLatent", "latent_image", latent_image, model)
     sigma = float(_checked_sigmas("InitialNoisyLatent", sigmas)[0])
+    from_pure_noise = model.model_sampling.is_max_denoise(sigma)
+    return (_noised("InitialNoisyLatent", model, noise, latent_image, sigma, from_pure_noise),)
+
+
+def _noised(node_name: str, model: ModelHandle, noise: Noise, latent: Latent, sigma: float,
+            max_denoise: bool) -> dict[str, Any]:
+    """`latent` noised to `sigma` as sample_custom noises it, in the denoiser's space, back in LATENT units."""
+    _require(noise, Noise, node_name, "noise", "NOISE")
+    samples = _latent_samples(node_name, "latent_image", latent, model).float()
     ms, latent_format = model.model_sampling, model.latent_format
-    batch_index = latent_image.get("batch_index")
-    unit = initial_noise(samples.shape, noise.seed, batch_index) if noise.enabled else torch.zeros(samples.shape)
-    # The same start as sample_custom, in the denoiser's space and back to LATENT units.
-    start = latent_format.process_in(samples.float()) if bool(samples.any()) else samples.float()
-    noisy = ms.noise_scaling(sigma, unit, start, ms.is_max_denoise(sigma))
-    return (_with_samples(latent_image, latent_format.process_out(noisy)),)
+    unit = initial_noise(samples.shape, noise.seed, latent.get("batch_index")) if noise.enabled \
+        else torch.zeros(samples.shape)
+    # ComfyUI leaves an all-zero (EmptyLatentImage) latent unshifted, as sample_custom does.
+    start = latent_format.process_in(samples) if bool(samples.any()) else samples
+    return _with_samples(latent, latent_format.process_out(ms.noise_scaling(sigma, unit, start, max_denoise)))
+
+
+@node(category="_for_testing/custom_sampling/noise", outputs=[("LATENT", "LATENT")])
+def AddNoise(model: Socket("MODEL"), noise: Socket("NOISE"), sigmas: Socket("SIGMAS"),
+             latent_image: Socket("LATENT")) -> tuple:
+    """ComfyUI's AddNoise: the latent plus noise of std |sigmas[0] - sigmas[-1]| (never the pure-noise
+    sqrt(1 + sigma^2) start; InitialNoisyLatent gives that); an empty schedule adds nothing."""
+    if isinstance(sigmas, Tensor) and sigmas.dim() == 1 and sigmas.numel() == 0:
+        return (dict(latent_image),)
+    checked = _checked_sigmas("AddNoise", sigmas)
+    scale = abs(float(checked[0]) - float(checked[-1])) if len(checked) > 1 else float(checked[0])
+    return (_noised("AddNoise", model, noise, latent_image, scale, False),)
 
 
 @node(category=STEP_NODES, outputs=[("LATENT", "denoised")])

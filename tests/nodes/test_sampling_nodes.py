@@ -15,10 +15,13 @@ from diffusion.sampling import SamplingModel, karras_sigmas, sample
 from engine import ExecutionContext, Executor, Interrupted, Registry, RunSettings, Socket, String, node
 from engine.events import Progress
 from nodes import sampling
-from nodes.sampling import (BasicGuider, BasicScheduler, CFGGuider, DisableNoise, EulerStep, ExponentialScheduler,
-                            InitialNoisyLatent, KarrasScheduler, KSampler, KSamplerAdvanced, KSamplerSelect, Noise,
-                            PolyexponentialScheduler, RandomNoise, Sampler, SamplerCustom, SamplerCustomAdvanced,
-                            SDTurboScheduler, SplitSigmas, SplitSigmasDenoise, UNetDenoiseStep)
+from diffusion.sampling.noise import initial_noise
+from nodes.sampling import (AddNoise, BasicGuider, BasicScheduler, BetaSamplingScheduler, CFGGuider, DisableNoise,
+                            EulerStep, ExponentialScheduler, FlipSigmas, InitialNoisyLatent, KarrasScheduler, KSampler,
+                            KSamplerAdvanced, KSamplerSelect, Noise, PolyexponentialScheduler, RandomNoise, Sampler,
+                            SamplerCustom, SamplerCustomAdvanced, SamplerDPMPP_2M_SDE, SamplerEulerAncestral,
+                            SamplerLMS, SDTurboScheduler, SetFirstSigma, SplitSigmas, SplitSigmasDenoise,
+                            UNetDenoiseStep)
 
 SEED, CFG_SCALE = 1234, 7.0
 # model-formats.md 9.1, SD1 table, 10 steps.
@@ -96,6 +99,8 @@ def test_the_sampling_nodes_have_comfyuis_input_order_defaults_and_outputs():
     assert custom["input_order"]["required"] == ["noise", "guider", "sampler", "sigmas", "latent_image"]
     assert custom["output_name"] == ["output", "denoised_output"]
     assert registry["SplitSigmas"].object_info()["output_name"] == ["high_sigmas", "low_sigmas"]
+    assert registry["SamplerDPMPP_2M_SDE"].object_info()["input_order"]["required"] == [
+        "solver_type", "eta", "s_noise", "noise_device"]
     assert registry["UNetDenoiseStep"].category == "sampling/custom"
 
 
@@ -210,6 +215,41 @@ def test_a_single_sigma_or_zero_denoise_returns_the_latent_unchanged(model, prom
     assert torch.equal(ksample(model, prompts, latent, denoise=0.0)["samples"], latent["samples"])
 
 
+def custom_run(model, prompts, sampler: Sampler, latent=None, steps: int = 4) -> torch.Tensor:
+    (sigmas,) = BasicScheduler(model, "normal", steps, 1.0)
+    output, _ = SamplerCustom(model, True, SEED, CFG_SCALE, *prompts, sampler, sigmas, latent or empty_latent())
+    return output["samples"]
+
+
+def test_sampler_euler_ancestral_passes_eta_to_the_sampler(model, prompts):
+    (default_eta,) = SamplerEulerAncestral(1.0, 1.0)
+    (no_eta,) = SamplerEulerAncestral(0.0, 1.0)
+    assert torch.equal(custom_run(model, prompts, default_eta), custom_run(model, prompts, Sampler("euler_ancestral")))
+    # Without ancestral noise the step is plain Euler.
+    assert relative_error(custom_run(model, prompts, no_eta), custom_run(model, prompts, Sampler("euler"))) < 1e-6
+
+
+def test_sampler_dpmpp_2m_sde_with_heun_on_the_cpu_is_dpmpp_2m_sde_heun(model, prompts):
+    (sampler,) = SamplerDPMPP_2M_SDE("heun", 1.0, 1.0, "cpu")
+    assert torch.equal(custom_run(model, prompts, sampler), custom_run(model, prompts, Sampler("dpmpp_2m_sde_heun")))
+    (on_device,) = SamplerDPMPP_2M_SDE("midpoint", 1.0, 1.0, "gpu")
+    assert on_device.name == "dpmpp_2m_sde_gpu"
+
+
+def test_sampler_lms_of_order_one_is_euler(model, prompts):
+    (first_order,) = SamplerLMS(1)
+    assert relative_error(custom_run(model, prompts, first_order), custom_run(model, prompts, Sampler("euler"))) < 1e-6
+
+
+def test_add_noise_adds_noise_of_the_schedules_span_in_latent_units(model):
+    (sigmas,) = BasicScheduler(model, "normal", 10, 1.0)
+    (noisy,) = AddNoise(model, Noise(SEED), sigmas, empty_latent())
+    expected = initial_noise((1, 4, 8, 8), SEED) * float(sigmas[0]) / model.latent_format.scale_factor
+    assert relative_error(noisy["samples"], expected) < 1e-6
+    (untouched,) = AddNoise(model, Noise(SEED), torch.zeros(0), image_latent())
+    assert torch.equal(untouched["samples"], image_latent()["samples"])
+
+
 # --- schedules -----------------------------------------------------------------------------------------------
 
 
@@ -246,6 +286,23 @@ def test_sd_turbo_scheduler_uses_timesteps_999_899_and_starts_later_at_lower_den
     (two_half,) = SDTurboScheduler(model, 2, 0.5)
     assert torch.allclose(one, torch.tensor([ms.sigma(999), 0.0]))
     assert torch.allclose(two_half, torch.tensor([ms.sigma(499), ms.sigma(399), 0.0]))
+
+
+def test_beta_sampling_scheduler_at_0_6_is_the_beta_scheduler(model):
+    (beta,) = BetaSamplingScheduler(model, 10, 0.6, 0.6)
+    assert torch.equal(beta, BasicScheduler(model, "beta", 10, 1.0)[0])
+    assert not torch.equal(BetaSamplingScheduler(model, 10, 0.3, 0.6)[0], beta)
+
+
+def test_flip_sigmas_runs_the_schedule_backwards_from_a_small_positive_sigma():
+    (flipped,) = FlipSigmas(torch.tensor(NORMAL_10))
+    assert flipped[0] == pytest.approx(1e-4) and torch.equal(flipped[1:], torch.tensor(NORMAL_10).flip(0)[1:])
+
+
+def test_set_first_sigma_replaces_only_the_first():
+    sigmas = torch.tensor(NORMAL_10)
+    (changed,) = SetFirstSigma(sigmas, 20.0)
+    assert changed[0] == 20.0 and torch.equal(changed[1:], sigmas[1:]) and sigmas[0] == NORMAL_10[0]
 
 
 def test_split_sigmas_shares_the_sigma_at_the_split():
