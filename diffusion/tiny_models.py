@@ -165,8 +165,30 @@ def write_tiny_checkpoint(
     """A single `.safetensors` file in LDM layout: UNet, VAE, text encoder, schedule and EMA leftovers."""
     path = Path(path)
     tensors = tiny_checkpoint_tensors(family, seed=seed, v_prediction=v_prediction, inpaint=inpaint)
-    metadata = {"format": "pt", HEAD_OVERRIDES_METADATA: json.dumps(dataclasses.asdict(tiny_overrides(family)))}
-    save_file(_cast(tensors, dtype), str(path), metadata=metadata)
+    save_file(_cast(tensors, dtype), str(path), metadata=_head_metadata(family))
+    return path
+
+
+def _head_metadata(family: str) -> dict[str, str]:
+    return {"format": "pt", HEAD_OVERRIDES_METADATA: json.dumps(dataclasses.asdict(tiny_overrides(family)))}
+
+
+def write_tiny_unet(path: str | os.PathLike, family: str = "sd1", *, seed: int = 0, prefixed: bool = False) -> Path:
+    """A standalone UNet file (ComfyUI's diffusion_models folder): LDM names, the checkpoint's UNet for `seed`."""
+    path = Path(path)
+    prefix = "model.diffusion_model." if prefixed else ""
+    tensors = {prefix + k: v for k, v in tiny_unet_weights(family, seed).items()}
+    save_file(_cast(tensors, torch.float32), str(path), metadata=_head_metadata(family))
+    return path
+
+
+def write_tiny_text_encoder(path: str | os.PathLike, family: str = "sd1", *, seed: int = 0) -> Path:
+    """A standalone text encoder file (ComfyUI's text_encoders folder): transformers names (`text_model.*`)
+    for SD1's CLIP-L, unprefixed open_clip names for SD2's OpenCLIP-H; the checkpoint's tower for `seed`."""
+    path = Path(path)
+    text = tiny_text_weights(family, seed)
+    tensors = {f"text_model.{k}": v for k, v in text.items()} if family == "sd1" else transformers_to_open_clip(text)
+    save_file(_cast(tensors, torch.float32), str(path), metadata=_head_metadata(family))
     return path
 
 

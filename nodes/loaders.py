@@ -12,20 +12,23 @@ deterministically into the temp folder. A real file of that name in the checkpoi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from diffusion import detection
-from diffusion.checkpoints import LoadedCheckpoint, load_checkpoint, open_tensor_file
+from diffusion.checkpoints import LoadedCheckpoint, load_checkpoint, load_vae, open_tensor_file
 from diffusion.detection import HeadOverrides
 from diffusion.latent_preview import fit_latent_to_rgb
 from diffusion.safetensors_io import CheckpointError
 from diffusion.sampling.model_sampling import DiscreteConfig, DiscreteModelSampling
 from diffusion.text_encoders import SDTextEncoder, embedding_folder_lookup
+from diffusion.standalone_files import load_text_encoder_file, load_unet_file
 from diffusion.tiny_models import head_overrides_from_metadata, tiny_overrides_for_widths, write_tiny_checkpoint
-from diffusion.vae import AutoencoderKL
-from engine import Combo, ExecutionContext, RunSettings, node
+from diffusion.latent_format import LatentFormat
+from diffusion.vae import SD_VAE, AutoencoderKL
+from engine import Combo, ExecutionContext, Int, RunSettings, Socket, node
 from engine.model_folders import MODEL_FOLDERS, UnsafePathError, find_model_file, model_files
 from engine.paths import list_files, resolve_inside
 from nodes.runtime import compute_dtype, model_manager
@@ -55,10 +58,11 @@ def _files_outside(folders: list[str], files: list[str]) -> list[str]:
 
 
 def checkpoint_names(settings: RunSettings) -> list[str]:
-    """Checkpoint files and diffusers folders under `checkpoints` (a folder's own weight files are not
-    listed), then the demo checkpoint, last, unless a real file already has its name."""
+    """Checkpoint files and diffusers folders under `checkpoints` and `diffusers` (a folder's own weight
+    files are not listed), then the demo checkpoint, last, unless a real file already has its name."""
     folders = diffusers_folder_names(settings, "checkpoints")
-    names = sorted(_files_outside(folders, model_files(settings.model_roots, "checkpoints")) + folders)
+    files = _files_outside(folders, model_files(settings.model_roots, "checkpoints"))
+    names = sorted(set(files + folders + diffusers_folder_names(settings, "diffusers")))
     return names if DEMO_CHECKPOINT in names else [*names, DEMO_CHECKPOINT]
 
 
@@ -66,17 +70,26 @@ def diffusers_names(settings: RunSettings) -> list[str]:
     return diffusers_folder_names(settings, "diffusers")
 
 
-def _files_of(kind: str):
-    def options(settings: RunSettings) -> list[str]:
-        return model_files(settings.model_roots, kind)
-    options.__name__ = f"{kind}_names"
-    return options
+def vae_names(settings: RunSettings) -> list[str]:
+    return model_files(settings.model_roots, "vae")
+
+
+def text_encoder_names(settings: RunSettings) -> list[str]:
+    return model_files(settings.model_roots, "text_encoders")
+
+
+def unet_names(settings: RunSettings) -> list[str]:
+    return model_files(settings.model_roots, "diffusion_models")
+
+
+def config_names(settings: RunSettings) -> list[str]:
+    return model_files(settings.model_roots, "configs")
 
 
 # --- finding and reading files ------------------------------------------------------------------------------
 
 
-def model_path(settings: RunSettings, kind: str, name: str, input_name: str) -> Path:
+def model_file(settings: RunSettings, kind: str, name: str, input_name: str) -> Path:
     """The file (or diffusers folder) a COMBO value names, or a ValueError naming the input."""
     try:
         return find_model_file(settings.model_roots, kind, name)
@@ -86,20 +99,16 @@ def model_path(settings: RunSettings, kind: str, name: str, input_name: str) -> 
 
 def checkpoint_path(settings: RunSettings, name: str, input_name: str = "ckpt_name") -> Path:
     """A checkpoint by name: the checkpoints folders, then diffusers folders, then the built-in demo."""
-    try:
-        return find_model_file(settings.model_roots, "checkpoints", name)
-    except FileNotFoundError:
-        if name == DEMO_CHECKPOINT:
-            return demo_checkpoint_file(settings)
+    for kind in ("checkpoints", "diffusers"):
         try:
-            return find_model_file(settings.model_roots, "diffusers", name)
+            return find_model_file(settings.model_roots, kind, name)
         except FileNotFoundError:
-            pass
+            continue
         except UnsafePathError as error:
             raise ValueError(f"{input_name}: {error}") from None
-        return model_path(settings, "checkpoints", name, input_name)
-    except UnsafePathError as error:
-        raise ValueError(f"{input_name}: {error}") from None
+    if name == DEMO_CHECKPOINT:
+        return demo_checkpoint_file(settings)
+    return model_file(settings, "checkpoints", name, input_name)  # raises, naming the folders searched
 
 
 def demo_checkpoint_file(settings: RunSettings) -> Path:
@@ -166,11 +175,29 @@ def load_checkpoint_handles(
     try:
         loaded = load_checkpoint(
             path, dtype=compute_dtype(settings), device="cpu", prediction=prediction,
-            overrides=head_overrides_for(path),
+            overrides=_overrides(path, input_name),
         )
     except CheckpointError as error:
         raise ValueError(f"{input_name}: {error}") from None
     return handles_from(loaded, settings)
+
+
+def _overrides(path: Path, input_name: str) -> HeadOverrides | None:
+    try:
+        return head_overrides_for(path)
+    except (CheckpointError, ValueError) as error:
+        raise ValueError(f"{input_name}: {error}") from None
+
+
+_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?(\w+)", re.MULTILINE)
+
+
+def config_prediction(path: Path) -> str:
+    """An LDM model config's prediction type: `parameterization: "v"` means v, anything else eps. Read as
+    text (the one key we use): a yaml parser would be a dependency, and yaml tags can construct objects."""
+    match = _PARAMETERIZATION.search(path.read_text(encoding="utf-8", errors="replace"))
+    return "v_prediction" if match is not None and match.group(1) == "v" else "eps"
+
 
 
 # --- nodes --------------------------------------------------------------------------------------------------
@@ -182,3 +209,90 @@ def CheckpointLoaderSimple(ckpt_name: Combo(checkpoint_names), *, context: Execu
     """A checkpoint (single file or diffusers folder) as its diffusion model, text encoder and VAE."""
     path = checkpoint_path(context.settings, ckpt_name)
     return load_checkpoint_handles(path, context.settings)
+
+
+@node(category="advanced/loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+      display_name="Load Checkpoint With Config (DEPRECATED)", deprecated=True)
+def CheckpointLoader(config_name: Combo(config_names), ckpt_name: Combo(checkpoint_names), *,
+                     context: ExecutionContext) -> tuple:
+    """A checkpoint whose prediction type comes from an LDM yaml in models/configs (`parameterization`)."""
+    prediction = config_prediction(model_file(context.settings, "configs", config_name, "config_name"))
+    path = checkpoint_path(context.settings, ckpt_name)
+    return load_checkpoint_handles(path, context.settings, prediction=prediction)
+
+
+@node(category="advanced/loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+      display_name="DiffusersLoader")
+def DiffusersLoader(model_path: Combo(diffusers_names), *, context: ExecutionContext) -> tuple:
+    """A diffusers pipeline folder under models/diffusers."""
+    folder = model_file(context.settings, "diffusers", model_path, "model_path")
+    return load_checkpoint_handles(folder, context.settings, input_name="model_path")
+
+
+@node(category="loaders", outputs=[("VAE", "VAE")], display_name="Load VAE")
+def VAELoader(vae_name: Combo(vae_names), *, context: ExecutionContext) -> tuple:
+    """A standalone VAE (LDM or diffusers names, or a full checkpoint's VAE part)."""
+    path = model_file(context.settings, "vae", vae_name, "vae_name")
+    try:
+        vae = load_vae(path, dtype=compute_dtype(context.settings), device="cpu")
+    except CheckpointError as error:
+        raise ValueError(f"vae_name: {error}") from None
+    return (VaeHandle(vae),)
+
+
+#: ComfyUI's CLIPLoader types this loader can build; SD1's CLIP-L and SD2's OpenCLIP-H are both
+#: "stable_diffusion" there (told apart by the weights), so workflows keep that name.
+CLIP_TYPES = ("stable_diffusion",)
+
+
+@node(category="advanced/loaders", outputs=[("CLIP", "CLIP")], display_name="Load CLIP")
+def CLIPLoader(clip_name: Combo(text_encoder_names), type: Combo(CLIP_TYPES, default="stable_diffusion"), *,
+               context: ExecutionContext) -> tuple:
+    """A standalone text encoder from models/text_encoders (CLIP-L for SD1, OpenCLIP-H for SD2)."""
+    path = model_file(context.settings, "text_encoders", clip_name, "clip_name")
+    overrides = _overrides(path, "clip_name")
+    try:
+        encoder = load_text_encoder_file(path, dtype=compute_dtype(context.settings), device="cpu",
+                                         num_heads=overrides.text_num_heads if overrides else None)
+    except CheckpointError as error:
+        raise ValueError(f"clip_name: {error}") from None
+    return (clip_handle(encoder, context.settings),)
+
+
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+
+def _refuse_fp8(constants) -> str | None:
+    if constants.get("weight_dtype", "default") != "default":
+        return (f"weight_dtype: {constants['weight_dtype']} is not supported (fp8 weights need kernels sdgraph "
+                "does not have); use 'default' (fp16 on CUDA, fp32 on the CPU)")
+    return None
+
+
+@node(category="advanced/loaders", outputs=[("MODEL", "MODEL")], display_name="Load Diffusion Model",
+      validate=_refuse_fp8)
+def UNETLoader(unet_name: Combo(unet_names), weight_dtype: Combo(WEIGHT_DTYPES, default="default"), *,
+               context: ExecutionContext) -> tuple:
+    """A standalone UNet from models/diffusion_models. With no VAE to fit them to, it has no live previews."""
+    problem = _refuse_fp8({"weight_dtype": weight_dtype})
+    if problem:
+        raise ValueError(problem)
+    path = model_file(context.settings, "diffusion_models", unet_name, "unet_name")
+    try:
+        loaded = load_unet_file(path, dtype=compute_dtype(context.settings), device="cpu",
+                                overrides=_overrides(path, "unet_name"))
+    except CheckpointError as error:
+        raise ValueError(f"unet_name: {error}") from None
+    sampling = DiscreteModelSampling(DiscreteConfig(prediction=loaded.prediction.prediction,
+                                                    zero_terminal_snr=loaded.prediction.zsnr))
+    # SD1 and SD2 share one VAE and so one latent format.
+    latent_format = LatentFormat(SD_VAE.scale_factor, SD_VAE.shift_factor)
+    return (ModelHandle(unet=loaded.unet, model_sampling=sampling, latent_format=latent_format,
+                        family=loaded.family),)
+
+
+@node(category="conditioning", outputs=[("CLIP", "CLIP")], display_name="CLIP Set Last Layer")
+def CLIPSetLastLayer(clip: Socket("CLIP"), stop_at_clip_layer: Int(-1, min=-24, max=-1, step=1)) -> tuple:
+    """Encode prompts with an earlier hidden layer of the text encoder (-1 the last, -2 the one before; past
+    the first layer it stays at the last, as ComfyUI does)."""
+    return (clip.with_layer(stop_at_clip_layer),)
