@@ -57,8 +57,12 @@ def _embedding_files_state(constants: Mapping[str, Any], settings: RunSettings) 
     for folder in embedding_folders(settings):
         for directory, _, files in os.walk(folder, followlinks=True):
             for file in sorted(files):
-                stat = (Path(directory) / file).stat()
-                state.append((str(Path(directory) / file), stat.st_mtime_ns, stat.st_size))
+                path = Path(directory) / file
+                try:
+                    stat = path.stat()
+                except OSError:  # a dangling link: the lookup skips it too
+                    continue
+                state.append((str(path), stat.st_mtime_ns, stat.st_size))
     return tuple(state)
 
 

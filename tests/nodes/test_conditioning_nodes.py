@@ -2,6 +2,7 @@
 other node writes, as diffusion.sampling.guidance reads them."""
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,13 @@ def test_clip_text_encode_cache_key_follows_the_embedding_files(fresh_settings, 
     before = fingerprint({"text": "embedding:style"}, fresh_settings)
     save_file({"emb_params": torch.zeros(3, 32)}, str(fresh_settings.models_dir / "embeddings" / "style.safetensors"))
     assert fingerprint({"text": "embedding:style"}, fresh_settings) != before
+
+
+def test_clip_text_encode_cache_key_skips_a_dangling_link(fresh_settings, style_embedding):
+    folder = fresh_settings.models_dir / "embeddings"
+    (folder / "gone.safetensors").symlink_to(folder / "deleted.safetensors")
+    state = CLIPTextEncode.fingerprint({"text": "embedding:style"}, fresh_settings)
+    assert [Path(entry[0]).name for entry in state] == ["style.safetensors"]
 
 
 def test_clip_text_encode_refuses_a_missing_clip(node_settings, make_context):
