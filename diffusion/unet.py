@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.attention import attention
+from diffusion.acceleration import AccelerationOptions, BlockStreamer, StepAccelerator, memory_format_of
+from diffusion.attention import attention, share_one_weight, stacked_weight
 
 # SDXL's label_emb input is the pooled text vector followed by six (base) or five (refiner) size/crop/score
 # numbers, each embedded sinusoidally at this width (diffusers `addition_time_embed_dim`).
@@ -127,19 +128,38 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int, heads: int, upcast: bool):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, upcast: bool, self_attention: bool):
         super().__init__()
         self.heads = heads
         self.upcast = upcast
+        self.self_attention = self_attention
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
 
+    def share_projection_weights(self) -> None:
+        """Stack the projections that read one input, so each runs as a single matmul (attention.py)."""
+        if self.self_attention:
+            share_one_weight([self.to_q, self.to_k, self.to_v])
+        else:
+            share_one_weight([self.to_k, self.to_v])
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
-        return self.to_out(out)
+        if context is None:
+            stacked = stacked_weight([self.to_q, self.to_k, self.to_v])
+            if stacked is not None:
+                q, k, v = F.linear(x, stacked).chunk(3, dim=-1)
+            else:
+                q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        else:
+            q = self.to_q(x)
+            stacked = stacked_weight([self.to_k, self.to_v])
+            if stacked is not None:
+                k, v = F.linear(context, stacked).chunk(2, dim=-1)
+            else:
+                k, v = self.to_k(context), self.to_v(context)
+        return self.to_out(attention(q, k, v, self.heads, upcast=self.upcast))
 
 
 class GEGLU(nn.Module):
@@ -166,9 +186,9 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, upcast)
+        self.attn1 = CrossAttention(dim, dim, heads, upcast, self_attention=True)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, upcast)
+        self.attn2 = CrossAttention(dim, context_dim, heads, upcast, self_attention=False)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -210,9 +230,10 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.use_linear:
             h = self.proj_out(h)
-        # Back to contiguous NCHW: the transposed view has channels-last strides, which every later conv,
-        # norm and add would inherit, and on CPU that layout made the whole UNet ~3x slower.
-        h = h.transpose(1, 2).unflatten(2, (height, width)).contiguous()
+        # Back to the input's layout: the transposed view has channels-last strides, which every later conv,
+        # norm and add would inherit, and on CPU that layout made the whole UNet ~3x slower (on CUDA the
+        # model may run channels-last on purpose: acceleration.py).
+        h = h.transpose(1, 2).unflatten(2, (height, width)).contiguous(memory_format=memory_format_of(x))
         if not self.use_linear:
             h = self.proj_out(h)
         return h + x
@@ -282,6 +303,26 @@ class UNetModel(nn.Module):
             self._build(config)
         if dtype is not None:
             self.to(dtype)
+        self.acceleration = StepAccelerator()
+
+    def accelerate(self, options: AccelerationOptions) -> UNetModel:
+        """Choose how steps run (acceleration.py); the defaults are safe and on where they help."""
+        self.acceleration.configure(options)
+        return self
+
+    def share_projection_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, CrossAttention):
+                module.share_projection_weights()
+
+    def streaming_blocks(self) -> list[nn.Module]:
+        """The units the low-VRAM mode uploads one at a time, in the order a step runs them."""
+        embeddings = [self.time_embed] + ([self.label_emb] if hasattr(self, "label_emb") else [])
+        return embeddings + [*self.input_blocks, self.middle_block, *self.output_blocks, self.out]
+
+    def stream_weights(self, device: torch.device | str, **options) -> BlockStreamer:
+        """``with unet.stream_weights("cuda"):`` runs steps with one block's weights on the device at a time."""
+        return BlockStreamer(self.streaming_blocks(), device, accelerator=self.acceleration, **options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -354,13 +395,22 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs the UNet in its own dtype and returns the prediction in ``x``'s dtype."""
-        dtype = self.dtype
-        batch = x.shape[0]
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        if not isinstance(timesteps, torch.Tensor):
+            # torch.full, not as_tensor: a fill on the device, where as_tensor would copy from the host.
+            timesteps = torch.full((1,), float(timesteps), device=x.device)
+        timesteps = timesteps.to(x.device).reshape(-1)
         if timesteps.numel() == 1:
-            timesteps = timesteps.expand(batch)
+            timesteps = timesteps.expand(x.shape[0])
+        self._check_label_input(y, x.shape[0])
+        return self.acceleration(self, self.forward_eager, x, timesteps, context, y)
+
+    def forward_eager(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The step itself, one kernel launch at a time: what CUDA graphs capture and torch.compile traces."""
+        dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        emb = emb + self._label_embedding(y, batch, dtype)
+        emb = emb + self._label_embedding(y, dtype)
         context = context.to(dtype)
 
         h = x.to(dtype)
@@ -374,18 +424,20 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)
 
-    def _label_embedding(self, y: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor | float:
+    def _check_label_input(self, y: torch.Tensor | None, batch: int) -> None:
         adm = self.config.adm_in_channels
         if adm is None:
             if y is not None:
                 raise ValueError("this UNet has no label_emb (adm_in_channels is None) but y was given")
-            return 0.0
+            return
         if y is None or tuple(y.shape) != (batch, adm):
             found = None if y is None else tuple(y.shape)
             raise ValueError(
                 f"this UNet needs y of shape ({batch}, {adm}) (SDXL pooled + size embeddings), got {found}"
             )
-        return self.label_emb(y.to(dtype))
+
+    def _label_embedding(self, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
+        return 0.0 if y is None else self.label_emb(y.to(dtype))
 
 
 # Real architectures (model-formats.md 2.1). SD2.1 768-v wants upcast_attention in fp16; the loader sets it.

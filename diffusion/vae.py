@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.acceleration import memory_format_of
 from diffusion.attention import attention
 from diffusion.latent_format import LatentFormat
 
@@ -91,8 +92,9 @@ class AttnBlock(nn.Module):
         height, width = x.shape[-2:]
         h = self.norm(x)
         q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
-        # contiguous NCHW again, so the decoder's convs do not inherit channels-last strides (unet.py says why)
-        h = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (height, width)).contiguous()
+        # the input's layout again, so the decoder's convs do not inherit channels-last strides (unet.py says why)
+        h = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (height, width))
+        h = h.contiguous(memory_format=memory_format_of(x))
         return x + self.proj_out(h)
 
 
@@ -209,6 +211,10 @@ class AutoencoderKL(nn.Module):
                 self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
         if dtype is not None:
             self.to(dtype)
+        # fp16 activations of some VAEs (SDXL's) overflow to inf/NaN; such a decode is redone in float32.
+        self.upcast_on_overflow = True
+        # cuDNN's fast layout for half-precision convolutions; None: on CUDA only (slower on CPU).
+        self.channels_last: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -253,10 +259,32 @@ class AutoencoderKL(nn.Module):
         return self.decode_tiled(latent, tile=tile, overlap=tile // 8)
 
     def _decode_full(self, latent: torch.Tensor) -> torch.Tensor:
+        self._choose_layout(latent.device)
         h = latent.to(self.dtype)
         if self.config.use_quant_conv:
             h = self.post_quant_conv(h)
-        return self.decoder(h).to(latent.dtype)
+        pixels = self.decoder(h)
+        # One host sync per decode (not per step): the price of knowing the image is usable.
+        if self.dtype == torch.float16 and self.upcast_on_overflow and not bool(torch.isfinite(pixels).all()):
+            log.warning("fp16 VAE decode overflowed (inf/NaN); decoding again in float32")
+            pixels = self._decode_in_float32(latent)
+        return pixels.to(latent.dtype)
+
+    def _decode_in_float32(self, latent: torch.Tensor) -> torch.Tensor:
+        """The decode with float32 copies of the decoder's weights, the module itself left in fp16."""
+        def float32_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            weights = {name: tensor.float() for name, tensor in module.named_parameters()}
+            return torch.func.functional_call(module, weights, (x,))
+        h = latent.float()
+        if self.config.use_quant_conv:
+            h = float32_call(self.post_quant_conv, h)
+        return float32_call(self.decoder, h)
+
+    def _choose_layout(self, device: torch.device) -> None:
+        wanted = self.channels_last if self.channels_last is not None else device.type == "cuda"
+        weight = self.decoder.conv_in.weight
+        if wanted and not weight.is_contiguous(memory_format=torch.channels_last):
+            self.to(memory_format=torch.channels_last)
 
     def decode_tiled(self, latent: torch.Tensor, tile: int = 64, overlap: int = 8) -> torch.Tensor:
         """Decodes overlapping ``tile``-sized latent tiles and blends them with linear ramps.
