@@ -470,3 +470,25 @@ def test_the_step_loop_runs_as_a_graph_and_equals_sampler_custom(node_settings, 
     assert result.ok, result.error
     assert relative_error(KEPT["loop"]["samples"], KEPT["custom"]["samples"]) < 1e-5
     assert progress == [("d0", 1, 3), ("d1", 2, 3), ("d2", 3, 3)]
+
+
+# --- the compute device --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_unet_runs_on_the_gpu_and_the_latent_comes_back_as_cpu_float32(node_settings, tiny_names,
+                                                                                   model, prompts):
+    from nodes.loaders import CheckpointLoaderSimple
+
+    settings = dataclasses.replace(node_settings, device="cuda")
+    gpu_model, _, _ = CheckpointLoaderSimple(tiny_names.sd1, context=Recorder(settings).context)
+    devices = []
+    hook = gpu_model.unet.register_forward_pre_hook(lambda module, args: devices.append(args[0].device.type))
+    try:
+        on_gpu = ksample(gpu_model, prompts, empty_latent(), context=Recorder(settings).context)["samples"]
+    finally:
+        hook.remove()
+    assert devices and set(devices) == {"cuda"}
+    assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32
+    # fp16 weights on the GPU against fp32 on the CPU: the same image up to half-precision round-off.
+    assert relative_error(on_gpu, ksample(model, prompts, empty_latent())["samples"]) < 0.1
