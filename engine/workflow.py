@@ -194,9 +194,14 @@ def _read_document(source: str | Path | bytes, name: str) -> tuple[WorkflowDocum
         texts = png_text_chunks(raw) if from_png else {"prompt": raw.decode("utf-8")}
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise PromptFormatError([f"{name}: cannot read: {error}"]) from error
-    decoded = {key: _json(texts[key], f"{name}: its '{key}' chunk" if from_png else name)
-               for key in ("prompt", "workflow") if key in texts}
-    prompt, ui_workflow = decoded.get("prompt"), decoded.get("workflow")
+    prompt = _json(texts["prompt"], f"{name}: its 'prompt' chunk" if from_png else name) \
+        if "prompt" in texts else None
+    try:
+        ui_workflow = _json(texts["workflow"], f"{name}: its 'workflow' chunk") if "workflow" in texts else None
+    except PromptFormatError:
+        if prompt is None:
+            raise
+        ui_workflow = None  # a damaged copy of the editor's graph must not stop a good prompt from running
     if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), dict) and "class_type" not in prompt["prompt"]:
         # the body of a POST /prompt request (not a node with id "prompt"), maybe with the UI workflow
         extra_data = prompt.get("extra_data")

@@ -327,6 +327,16 @@ def test_a_png_prompt_chunk_wins_over_its_workflow_chunk():
     assert document.ui_workflow["nodes"][1]["type"] == "Sampler"
 
 
+def test_a_damaged_workflow_chunk_does_not_stop_a_good_prompt_chunk():
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(API))
+    info.add_text("workflow", "{not json")
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "PNG", pnginfo=info)
+    document = load_workflow_document(buffer.getvalue(), REGISTRY)
+    assert (document.prompt, document.ui_workflow) == (API, None)
+
+
 def test_a_png_with_only_a_workflow_chunk_is_converted():
     data = png_with({"workflow": sampler_graph([5, "fixed", 12, "euler", 1.0])})
     assert read_workflow_file(data, REGISTRY)["2"]["inputs"]["seed"] == 5
