@@ -21,7 +21,7 @@ function sourceHash(): Plugin {
   return {
     name: "sdgraph-source-hash",
     generateBundle() {
-      const root = __dirname;
+      const root = import.meta.dirname;
       const hash = createHash("sha256");
       const files = bundleSources(root);
       for (const file of files) hash.update(file).update("\0").update(readFileSync(join(root, file))).update("\0");

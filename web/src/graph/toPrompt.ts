@@ -3,7 +3,7 @@
 // primitive nodes' values land in the widgets they feed.
 import { isHelper, typesCompatible, type ClassSchema, type Schemas } from "../api/objectInfo";
 import { MODE_BYPASSED, MODE_MUTED, MODE_NORMAL, type Graph, type GraphLink, type GraphNode } from "./model";
-import { outputSlots, savedInputSlots } from "./workflow";
+import { savedInputSlots, widgetSocketType } from "./workflow";
 
 export interface ApiNode {
   class_type: string;
@@ -22,8 +22,10 @@ export interface BuiltPrompt {
   problems: PromptProblem[];
 }
 
-/** What a link resolves to once helper and bypassed nodes are walked through. */
-type Resolved = { link: [string, number] } | { constant: unknown } | null;
+/** Where a link's value comes from: a link, a PrimitiveNode's constant, "keep" (no value arrives: a widget
+ * keeps its own) or "drop" (the source left the prompt and the input goes with it, as ComfyUI's frontend
+ * deletes links into nodes it did not send). */
+type Resolved = { link: [string, number] } | { constant: unknown } | "keep" | "drop";
 
 /** Choose one `{a|b|c}` alternative per group, innermost first (ComfyUI's dynamic prompts). */
 export function resolveDynamicPrompt(text: string, random: () => number = Math.random): string {
@@ -52,61 +54,50 @@ class PromptBuilder {
     return this.incoming.get(`${nodeId}\u0000${input}`);
   }
 
-  resolve(link: GraphLink, seen: Set<string> = new Set()): Resolved {
+  resolve(link: GraphLink, wanted: string, seen: Set<string> = new Set()): Resolved {
     const source = this.byId.get(link.source);
-    if (!source || seen.has(source.id)) return null;
-    seen.add(source.id);
+    if (!source || seen.has(link.id)) return "keep";
+    seen.add(link.id);
+    if (source.classType === "PrimitiveNode") return "value" in source.values ? { constant: source.values.value } : "keep";
     if (source.classType === "Reroute") {
       const upstream = this.graph.links.find((l) => l.target === source.id);
-      return upstream ? this.resolve(upstream, seen) : null;
+      return upstream ? this.resolve(upstream, wanted, seen) : "keep";
     }
-    if (source.classType === "PrimitiveNode") {
-      return source.mode === MODE_NORMAL && "value" in source.values ? { constant: source.values.value } : null;
-    }
-    if (source.mode === MODE_MUTED) return null;
+    if (isHelper(source.classType)) return "keep";
     if (source.mode === MODE_BYPASSED) {
-      const upstream = this.bypassRoute(source, link);
-      return upstream ? this.resolve(upstream, seen) : null;
+      const through = this.bypassInput(source, link.sourceSlot, wanted);
+      if (through === null) return "drop";
+      return through ? this.resolve(through, wanted, seen) : "keep";
     }
-    if (!this.schemas.has(source.classType) || isHelper(source.classType)) return null;
+    if (source.mode === MODE_MUTED || !this.schemas.has(source.classType)) return "drop";
     return { link: [source.id, link.sourceSlot] };
   }
 
-  /** The input of a bypassed node that stands in for its output: same index if the type fits, else the
-   * first input of exactly the wanted type, else the first compatible one. */
-  private bypassRoute(node: GraphNode, link: GraphLink): GraphLink | undefined {
-    const schema = this.schemas.get(node.classType);
-    const wanted = outputSlots(node, schema)[link.sourceSlot]?.type ?? link.type;
-    const inputs = savedInputSlots(this.graph, node, schema);
-    const linked = (index: number) => this.linkInto(node.id, inputs[index].widget ?? inputs[index].name);
-    const candidates: number[] = [];
-    if (link.sourceSlot < inputs.length && typesCompatible(wanted, inputs[link.sourceSlot].type)) candidates.push(link.sourceSlot);
-    inputs.forEach((slot, index) => slot.type.toUpperCase() === wanted.toUpperCase() && candidates.push(index));
-    inputs.forEach((slot, index) => typesCompatible(wanted, slot.type) && candidates.push(index));
-    for (const index of candidates) {
-      const upstream = linked(index);
-      if (upstream) return upstream;
-    }
-    return undefined;
+  /** The input a bypassed node passes through for the wanted type: the one at the used output's index if
+   * its type matches, else the first of exactly that type, else the first compatible one. Null when none
+   * fits; undefined when the chosen input has no link. */
+  private bypassInput(node: GraphNode, outputSlot: number, wanted: string): GraphLink | null | undefined {
+    const inputs = savedInputSlots(this.graph, node, this.schemas.get(node.classType));
+    const exact = (index: number) => inputs[index].type === wanted;
+    const chosen = outputSlot < inputs.length && exact(outputSlot) ? outputSlot
+      : [...inputs.keys()].find(exact) ?? [...inputs.keys()].find((i) => typesCompatible(inputs[i].type, wanted));
+    if (chosen === undefined) return null;
+    return this.linkInto(node.id, inputs[chosen].widget ?? inputs[chosen].name);
   }
 
   nodeInputs(node: GraphNode, schema: ClassSchema): Record<string, unknown> {
     const inputs: Record<string, unknown> = {};
-    for (const widget of schema.widgets) {
-      const link = this.linkInto(node.id, widget.name);
-      if (link) {
-        const resolved = this.resolve(link);
-        if (resolved && "link" in resolved) inputs[widget.name] = resolved.link;
-        else if (resolved) inputs[widget.name] = this.constant(resolved.constant, widget.options);
-        continue;
-      }
-      inputs[widget.name] = this.constant(node.values[widget.name] ?? widget.defaultValue, widget.options);
-    }
-    for (const socket of schema.sockets) {
-      const link = this.linkInto(node.id, socket.name);
-      const resolved = link ? this.resolve(link) : null;
-      if (resolved && "link" in resolved) inputs[socket.name] = resolved.link;
-      else if (resolved) inputs[socket.name] = this.constant(resolved.constant, {});
+    for (const widget of schema.widgets) inputs[widget.name] = this.constant(node.values[widget.name] ?? widget.defaultValue, widget.options);
+    const linked = [...schema.sockets.map((s) => ({ name: s.name, type: s.type, options: {} as Record<string, unknown> })),
+      ...schema.widgets.map((w) => ({ name: w.name, type: widgetSocketType(w), options: w.options }))];
+    for (const input of linked) {
+      const link = this.linkInto(node.id, input.name);
+      if (!link) continue;
+      const resolved = this.resolve(link, input.type);
+      if (resolved === "drop") delete inputs[input.name];
+      else if (resolved === "keep") continue;
+      else if ("link" in resolved) inputs[input.name] = resolved.link;
+      else inputs[input.name] = this.constant(resolved.constant, input.options);
     }
     return inputs;
   }
@@ -150,5 +141,18 @@ export function buildPrompt(graph: Graph, schemas: Schemas, random: () => number
     prompt[node.id] = { class_type: node.classType, inputs: builder.nodeInputs(node, schema),
       _meta: { title: node.title ?? schema.title } };
   }
-  return { prompt, problems };
+  return { prompt: withoutOrphans(prompt, graph, schemas), problems };
+}
+
+/** Drop nodes that fed something in the editor but feed nothing that reached the prompt (a loader behind
+ * a muted SaveImage), repeatedly, as the Python converter does. */
+function withoutOrphans(prompt: ApiPrompt, graph: Graph, schemas: Schemas): ApiPrompt {
+  const fedSomething = new Set(graph.links.map((l) => l.source));
+  for (;;) {
+    const used = new Set(Object.values(prompt).flatMap((n) => Object.values(n.inputs))
+      .filter((v): v is [string, number] => Array.isArray(v) && v.length === 2 && typeof v[0] === "string").map((v) => v[0]));
+    const orphans = Object.keys(prompt).filter((id) => fedSomething.has(id) && !used.has(id) && !schemas.get(prompt[id].class_type)?.outputNode);
+    if (orphans.length === 0) return prompt;
+    for (const id of orphans) delete prompt[id];
+  }
 }
