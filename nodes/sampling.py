@@ -478,6 +478,8 @@ def UNetDenoiseStep(model: Socket("MODEL"), positive: Socket("CONDITIONING"), ne
     checked = _checked_sigmas("UNetDenoiseStep", sigmas)
     sigma, _ = _sigma_at("UNetDenoiseStep", checked, step, needs_next=False)
     _no_noise_mask("UNetDenoiseStep", "latent", latent)
+    if sigma == 0.0:  # a clean latent is its own denoised estimate (and the Euler step below would divide by 0)
+        return (_with_samples(latent, _latent_samples("UNetDenoiseStep", "latent", latent, model)),)
 
     def run(sampling_model: SamplingModel, samples: Tensor, noise_mask: Tensor | None,
             batch_index: list[int] | None, callback: StepCallback | None) -> SampleOutput:

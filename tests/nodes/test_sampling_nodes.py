@@ -339,6 +339,12 @@ def test_a_loop_of_unet_denoise_and_euler_steps_equals_the_euler_sampler(model, 
     assert error < 1e-5
 
 
+def test_unet_denoise_step_at_sigma_zero_returns_the_clean_latent(model, prompts):
+    latent = image_latent()
+    (denoised,) = UNetDenoiseStep(model, *prompts, CFG_SCALE, latent, torch.tensor([1.0, 0.0]), 1)
+    assert torch.equal(denoised["samples"], latent["samples"])
+
+
 def test_unet_denoise_step_reports_its_place_in_the_loop(model, prompts, node_settings):
     positive, negative = prompts
     (sigmas,) = BasicScheduler(model, "normal", 5, 1.0)
