@@ -39,3 +39,72 @@ def test_serve_answers_the_api_and_serves_the_page(tmp_path: Path) -> None:
         process.terminate()
         process.wait(10)
         process.stdout.close()
+
+
+def wait_for_server(process: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/queue", timeout=2):
+                return
+        except OSError:
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "the server did not answer within 30 s"
+            time.sleep(0.1)
+
+
+def test_python_server_py_listening_on_every_address_warns_and_serves(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parents[2] / "server.py"), "--listen", "0.0.0.0", "--port", str(port),
+         "--no-default-nodes", "--nodes", str(TOY_NODES), "--output-dir", str(tmp_path / "output"),
+         "--input-dir", str(tmp_path / "input"), "--temp-dir", str(tmp_path / "temp")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_server(process, port)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0].decode()
+    assert process.returncode == 0
+    assert "sdgraph: warning: listening on 0.0.0.0: every machine that reaches this one can queue prompts" in output
+    assert "set --auth-token" in output
+
+
+def test_serve_options_reach_the_settings_and_the_server(monkeypatch, tmp_path: Path) -> None:
+    import types
+
+    import cli
+    calls = []
+    fake = types.ModuleType("server")
+    fake.serve = lambda settings, **options: calls.append((settings, options))
+    monkeypatch.setitem(sys.modules, "server", fake)
+    monkeypatch.setenv("SDGRAPH_AUTH_TOKEN", "from-env")
+    assert cli.main(["serve", "--no-default-nodes", "--listen", "0.0.0.0", "--port", "9001",
+                     "--models-dir", str(tmp_path / "a"), "--models-dir", str(tmp_path / "b"),
+                     "--preview", "none", "--cache-size", "2G", "--database", str(tmp_path / "q.db")]) == 0
+    settings, options = calls[0]
+    assert (settings.models_dir, settings.extra_models_dirs, settings.preview) == (tmp_path / "a", (tmp_path / "b",),
+                                                                                    "none")
+    assert (options["host"], options["port"], options["database"], options["auth_token"]) == (
+        "0.0.0.0", 9001, tmp_path / "q.db", "from-env")
+    assert options["executor"].cache.max_bytes == 2 * 2**30
+
+
+def test_cache_sizes_read_as_binary_units_and_zero_turns_caching_off() -> None:
+    import pytest
+
+    import cli
+    assert cli.cache_of_size("512M").max_bytes == 512 * 2**20
+    assert cli.cache_of_size("1.5GiB").max_bytes == int(1.5 * 2**30)
+    assert cli.cache_of_size("0").max_entries == 0
+    with pytest.raises(cli.UsageError, match="expected a size such as 8G"):
+        cli.cache_of_size("lots")
+
+
+def test_run_and_validate_take_every_models_dir_too(tmp_path: Path) -> None:
+    import cli
+    for command in ("run", "validate"):
+        args = cli.build_parser().parse_args([command, "workflow.json", "--models-dir", str(tmp_path / "first"),
+                                              "--models-dir", str(tmp_path / "second")])
+        settings = cli.settings_from(args)
+        assert settings.model_roots == (tmp_path / "first", tmp_path / "second")
