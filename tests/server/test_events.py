@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from typing import Any, Callable
 
@@ -96,3 +97,14 @@ def test_a_client_reconnecting_mid_run_learns_the_running_node(live_server: Live
     greeting = run(scenario())
     assert greeting[0]["type"] == "status" and greeting[0]["data"]["sid"] == "flaky"
     assert greeting[1]["type"] == "executing" and greeting[1]["data"]["node"] == "1"
+
+
+def test_a_pil_preview_is_encoded_and_shrunk_to_its_largest_side() -> None:
+    from PIL import Image
+
+    from server import preview_frame
+    frame = preview_frame(("JPEG", Image.new("RGB", (1024, 512), (0, 128, 255)), 256))
+    assert frame[:8] == (1).to_bytes(4, "big") + (1).to_bytes(4, "big")
+    decoded = Image.open(io.BytesIO(frame[8:]))
+    assert (decoded.format, decoded.size) == ("JPEG", (256, 128))
+    assert preview_frame(("GIF", b"x")) is None and preview_frame(("JPEG", object())) is None

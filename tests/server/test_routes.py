@@ -216,3 +216,16 @@ def test_malformed_bodies_get_400_with_a_reason(live_server: LiveServer) -> None
     assert run(raw(b"[1, 2]"))[1]["error"]["message"] == "request body must be a JSON object"
     status, answer = run(post_json(live_server, "/prompt", {"prompt": toy_prompt(), "extra_data": [1]}))
     assert (status, answer["error"]["message"]) == (400, "'extra_data' must be a JSON object")
+
+
+def test_the_queue_interleaves_clients_instead_of_serving_a_flood_first(live_server: LiveServer) -> None:
+    async def scenario() -> list[str]:
+        running = await start_slow(live_server)
+        for index in range(3):
+            await post_json(live_server, "/prompt", {"prompt": toy_prompt(index), "client_id": "flood",
+                                                     "prompt_id": f"flood{index}"})
+        await post_json(live_server, "/prompt", {"prompt": toy_prompt(9), "client_id": "other", "prompt_id": "other0"})
+        pending = [item[1] for item in (await get_json(live_server, "/queue"))[1]["queue_pending"]]
+        await post_json(live_server, "/interrupt", {"prompt_id": running})
+        return pending
+    assert run(scenario()) == ["flood0", "other0", "flood1", "flood2"]
