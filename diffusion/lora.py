@@ -267,15 +267,18 @@ class LoraPatches:
     text: dict[str, WeightDelta] = field(default_factory=dict)
     unmatched: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()  # module names whose factors form no known delta
+    mismatched: tuple[str, ...] = ()  # module names whose delta has another shape than the weight
 
     @property
     def matched(self) -> int:
         return len(self.unet) + len(self.text)
 
     def summary(self) -> str:
+        problems = [f"{len(names)} {what}" for names, what in ((self.incomplete, "incomplete"),
+                                                              (self.mismatched, "of another shape (skipped)"))
+                    if names]
         return (f"{Path(self.source).name}: {len(self.unet)} UNet and {len(self.text)} text encoder weights "
-                f"patched, {len(self.unmatched)} modules matched nothing"
-                + (f", {len(self.incomplete)} incomplete" if self.incomplete else ""))
+                f"patched, {len(self.unmatched)} modules matched nothing" + "".join(f", {p}" for p in problems))
 
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
@@ -296,6 +299,17 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
     return alphas
 
 
+def _fits(delta: WeightDelta, shape: tuple[int, ...] | None) -> bool:
+    """Whether the delta can patch a weight of `shape`, worked out on the meta device (no arithmetic)."""
+    if shape is None:
+        return True
+    try:
+        delta(torch.empty(shape, device="meta"))
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 def lora_patches(
     tensors: Mapping[str, Tensor],
     *,
@@ -303,9 +317,14 @@ def lora_patches(
     text_names: Mapping[str, str] | None,
     metadata: Mapping[str, str] | None = None,
     source: str = "",
+    weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> LoraPatches:
     """Match a LoRA file's tensors against the model's weight names (unet_lora_names, text_lora_names).
-    text_names None: the text encoder is not being patched, so its modules are left out of the counts."""
+
+    text_names None: the text encoder is not being patched, so its modules are left out of the counts.
+    weight_shapes (our key -> shape, UNet keys and `text:`-prefixed text keys): a delta of another shape is
+    skipped with a warning, as ComfyUI does, instead of failing later in the middle of sampling.
+    """
     groups, _others = group_by_module(tensors)
     if text_names is None:
         groups = {name: factors for name, factors in groups.items() if not name.startswith(_TEXT_FILE_PREFIXES)}
@@ -313,7 +332,7 @@ def lora_patches(
     alphas = _peft_alphas(metadata or {})
     unet: dict[str, WeightDelta] = {}
     text: dict[str, WeightDelta] = {}
-    unmatched, incomplete = [], []
+    unmatched, incomplete, mismatched = [], [], []
     for module, factors in groups.items():
         is_text = module in text_names and module not in unet_names
         target = text_names.get(module) if is_text else unet_names.get(module)
@@ -326,20 +345,26 @@ def lora_patches(
         if delta is None:
             incomplete.append(module)
             continue
+        if not _fits(delta, (weight_shapes or {}).get(f"text:{target}" if is_text else target)):
+            mismatched.append(module)
+            continue
         (text if is_text else unet)[target] = delta
-    result = LoraPatches(source, unet, text, tuple(sorted(unmatched)), tuple(sorted(incomplete)))
+    result = LoraPatches(source, unet, text, tuple(sorted(unmatched)), tuple(sorted(incomplete)),
+                         tuple(sorted(mismatched)))
     if result.matched == 0:
         log.warning("LoRA %s matched no weight of this model (%d modules in the file)", source, len(groups))
-    elif unmatched or incomplete:
+    elif unmatched or incomplete or mismatched:
         log.warning("LoRA %s", result.summary())
     return result
 
 
 def load_lora(
-    path: str | os.PathLike, *, unet_names: Mapping[str, str], text_names: Mapping[str, str] | None
+    path: str | os.PathLike, *, unet_names: Mapping[str, str], text_names: Mapping[str, str] | None,
+    weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> LoraPatches:
     tensors, metadata = read_lora_file(path)
-    return lora_patches(tensors, unet_names=unet_names, text_names=text_names, metadata=metadata, source=str(path))
+    return lora_patches(tensors, unet_names=unet_names, text_names=text_names, metadata=metadata, source=str(path),
+                        weight_shapes=weight_shapes)
 
 
 __all__ = [

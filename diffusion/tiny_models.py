@@ -425,11 +425,11 @@ def tiny_lora_tensors(
         raise ValueError(f"style must be one of {LORA_STYLES}, not {style!r}")
     unet, text_targets = tiny_lora_targets(family, conv=conv)
     generator = torch.Generator().manual_seed(seed)
-    alpha = torch.tensor(rank / 2)
     tensors: dict[str, torch.Tensor] = {}
     modules = [("unet", path, shape) for path, shape in unet.items()]
     modules += [("text", path, shape) for path, shape in text_targets.items()] if text else []
     for part, path, shape in modules:
+        alpha = torch.tensor(rank / 2)  # one tensor per module: safetensors refuses shared storage
         kohya = _kohya_name("lora_unet_" if part == "unet" else "lora_te_", path)
         if style in ("kohya", "peft"):
             down, up = _lora_factors(shape, rank, generator)

@@ -13,7 +13,7 @@ from diffusion.lora import LoraPatches, load_lora, text_lora_names, unet_lora_na
 from diffusion.safetensors_io import CheckpointError
 from engine import Combo, ExecutionContext, Float, RunSettings, Socket, node
 from engine.model_folders import model_files
-from nodes.loaders import model_path
+from nodes.loaders import model_file
 from nodes.values import ClipHandle, ModelHandle, WeightPatch
 
 log = logging.getLogger(__name__)
@@ -24,12 +24,17 @@ def lora_names(settings: RunSettings) -> list[str]:
 
 
 def read_lora(settings: RunSettings, lora_name: str, model: ModelHandle | None, clip: ClipHandle | None) -> LoraPatches:
-    path = model_path(settings, "loras", lora_name, "lora_name")
+    path = model_file(settings, "loras", lora_name, "lora_name")
     unet_config = getattr(model.unet, "config", None) if model is not None else None
     unet_names = unet_lora_names(unet_config) if unet_config is not None else {}
-    text_names = text_lora_names(clip.text.encoder.state_dict()) if clip is not None else None
+    shapes = {key: tuple(value.shape) for key, value in model.unet.state_dict().items()} if model else {}
+    text_names = None
+    if clip is not None:
+        text_weights = clip.text.encoder.state_dict()
+        text_names = text_lora_names(text_weights)
+        shapes |= {f"text:{key}": tuple(value.shape) for key, value in text_weights.items()}
     try:
-        patches = load_lora(path, unet_names=unet_names, text_names=text_names)
+        patches = load_lora(path, unet_names=unet_names, text_names=text_names, weight_shapes=shapes)
     except (CheckpointError, ValueError) as error:
         raise ValueError(f"lora_name: {error}") from None
     log.info("LoRA %s", patches.summary())
