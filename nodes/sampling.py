@@ -342,6 +342,31 @@ def PolyexponentialScheduler(steps: STEPS, sigma_max: SIGMA_MAX, sigma_min: SIGM
     return (torch.cat([sigmas.float(), torch.zeros(1)]),)
 
 
+@node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
+def VPScheduler(steps: STEPS, beta_d: Float(19.9, min=0.0, max=5000.0, step=0.01),
+                beta_min: Float(0.1, min=0.0, max=5000.0, step=0.01),
+                eps_s: Float(0.001, min=0.0, max=1.0, step=0.0001)) -> tuple:
+    """The variance-preserving SDE's noise levels at t = 1 .. eps_s (Song et al. 2021, VP-SDE; k-diffusion's
+    get_sigmas_vp): sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    t = torch.linspace(1.0, eps_s, steps, dtype=torch.float64)
+    sigmas = (torch.exp(beta_d * t**2 / 2.0 + beta_min * t) - 1.0).sqrt()
+    return (torch.cat([sigmas.float(), torch.zeros(1)]),)
+
+
+@node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
+def LaplaceScheduler(steps: STEPS, sigma_max: SIGMA_MAX, sigma_min: SIGMA_MIN,
+                     mu: Float(0.0, min=-10.0, max=10.0, step=0.1),
+                     beta: Float(0.5, min=0.0, max=10.0, step=0.1)) -> tuple:
+    """log sigma at the quantiles of a Laplace(mu, beta) distribution, clamped to [sigma_min, sigma_max]: steps
+    crowd around sigma = e^mu (Hang et al. 2024, "Improved noise schedule for diffusion training")."""
+    _positive_sigma_range("LaplaceScheduler", sigma_max, sigma_min)
+    position = 0.5 - torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    # The 1e-5 keeps the log finite at both ends, where the clamp takes over anyway.
+    log_sigmas = mu - beta * position.sign() * torch.log(1.0 - 2.0 * position.abs() + 1e-5)
+    sigmas = log_sigmas.clamp(math.log(sigma_min), math.log(sigma_max)).exp()
+    return (torch.cat([sigmas.float(), torch.zeros(1)]),)
+
+
 # SD Turbo was distilled on these ten timesteps (ComfyUI's SDTurboScheduler): 999, 899, ..., 99.
 _TURBO_TIMESTEPS = tuple(range(999, 0, -100))
 

@@ -5,6 +5,7 @@ progress, previews and interrupts. All on the tiny SD1 checkpoint (tests/nodes/c
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import pytest
@@ -18,10 +19,10 @@ from nodes import sampling
 from diffusion.sampling.noise import initial_noise
 from nodes.sampling import (AddNoise, BasicGuider, BasicScheduler, BetaSamplingScheduler, CFGGuider, DisableNoise,
                             EulerStep, ExponentialScheduler, FlipSigmas, InitialNoisyLatent, KarrasScheduler, KSampler,
-                            KSamplerAdvanced, KSamplerSelect, Noise, PolyexponentialScheduler, RandomNoise, Sampler,
-                            SamplerCustom, SamplerCustomAdvanced, SamplerDPMPP_2M_SDE, SamplerEulerAncestral,
-                            SamplerLMS, SDTurboScheduler, SetFirstSigma, SplitSigmas, SplitSigmasDenoise,
-                            UNetDenoiseStep)
+                            KSamplerAdvanced, KSamplerSelect, LaplaceScheduler, Noise, PolyexponentialScheduler,
+                            RandomNoise, Sampler, SamplerCustom, SamplerCustomAdvanced, SamplerDPMPP_2M_SDE,
+                            SamplerEulerAncestral, SamplerLMS, SDTurboScheduler, SetFirstSigma, SplitSigmas,
+                            SplitSigmasDenoise, UNetDenoiseStep, VPScheduler)
 
 SEED, CFG_SCALE = 1234, 7.0
 # model-formats.md 9.1, SD1 table, 10 steps.
@@ -278,6 +279,20 @@ def test_polyexponential_at_rho_one_is_exponential_and_a_higher_rho_falls_sooner
     assert torch.allclose(rho_one, torch.tensor(EXPONENTIAL_10), atol=1e-4)
     assert rho_two[0] == pytest.approx(14.614642) and rho_two[-2] == pytest.approx(0.0291675)
     assert bool((rho_two[1:-2] < rho_one[1:-2]).all())
+
+
+def test_vp_scheduler_runs_the_vp_sde_noise_levels_from_t_1_to_eps_s():
+    (sigmas,) = VPScheduler(5, 19.9, 0.1, 0.001)
+    assert sigmas[0] == pytest.approx(math.sqrt(math.exp(19.9 / 2 + 0.1) - 1.0), rel=1e-6)
+    assert sigmas[-2] == pytest.approx(math.sqrt(math.exp(19.9e-6 / 2 + 1e-4) - 1.0), rel=1e-4)
+    assert sigmas[-1] == 0.0 and bool((sigmas[1:] < sigmas[:-1]).all())
+
+
+def test_laplace_scheduler_spans_the_range_and_centres_on_e_to_the_mu():
+    (sigmas,) = LaplaceScheduler(3, 14.614642, 0.0291675, 0.0, 0.5)
+    assert torch.allclose(sigmas, torch.tensor([14.614642, 1.0, 0.0291675, 0.0]))
+    (shifted,) = LaplaceScheduler(3, 14.614642, 0.0291675, 1.0, 0.5)
+    assert shifted[1] == pytest.approx(math.e)
 
 
 def test_sd_turbo_scheduler_uses_timesteps_999_899_and_starts_later_at_lower_denoise(model):
