@@ -114,6 +114,13 @@ def _checked_sigmas(node_name: str, sigmas: Any, input_name: str = "sigmas") -> 
     return sigmas.detach().float().cpu()
 
 
+def _require_positive(node_name: str, why: str = "", **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0.0:
+            reason = f" ({why})" if why else ""
+            raise ValueError(f"{node_name}: {name} must be positive{reason}, got {value}")
+
+
 def _checked_sampler(node_name: str, sampler: Any) -> Sampler:
     _require(sampler, Sampler, node_name, "sampler", "SAMPLER")
     if sampler.name not in SAMPLER_NAMES:
@@ -303,9 +310,7 @@ def BasicScheduler(model: Socket("MODEL"), scheduler: Combo(SCHEDULER_NAMES), st
 def BetaSamplingScheduler(model: Socket("MODEL"), steps: STEPS, alpha: Float(0.6, min=0.0, max=50.0, step=0.01),
                           beta: Float(0.6, min=0.0, max=50.0, step=0.01)) -> tuple:
     """Timesteps at Beta(alpha, beta) quantiles (Lee et al. 2024); the "beta" scheduler at 0.6, 0.6."""
-    for name, value in (("alpha", alpha), ("beta", beta)):
-        if value <= 0.0:
-            raise ValueError(f"BetaSamplingScheduler: {name} must be positive, got {value}")
+    _require_positive("BetaSamplingScheduler", alpha=alpha, beta=beta)
     return (beta_sigmas(model.model_sampling, steps, alpha, beta),)
 
 
@@ -313,15 +318,12 @@ def BetaSamplingScheduler(model: Socket("MODEL"), steps: STEPS, alpha: Float(0.6
 def KarrasScheduler(steps: STEPS, sigma_max: SIGMA_MAX, sigma_min: SIGMA_MIN,
                     rho: Float(7.0, min=0.0, max=100.0, step=0.01)) -> tuple:
     """Karras et al. 2022, eq. 5: evenly spaced in sigma^(1/rho)."""
-    if rho <= 0.0:
-        raise ValueError(f"KarrasScheduler: rho must be positive, got {rho}")
+    _require_positive("KarrasScheduler", rho=rho)
     return (karras_sigmas(steps, sigma_min, sigma_max, rho),)
 
 
 def _positive_sigma_range(node_name: str, sigma_max: float, sigma_min: float) -> None:
-    for name, value in (("sigma_max", sigma_max), ("sigma_min", sigma_min)):
-        if value <= 0.0:
-            raise ValueError(f"{node_name}: {name} must be positive (the schedule is spaced in log sigma), got 0")
+    _require_positive(node_name, "the schedule is spaced in log sigma", sigma_max=sigma_max, sigma_min=sigma_min)
 
 
 @node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
