@@ -7,9 +7,9 @@
 
 Node types come from the `nodes` package plus every `--nodes MODULE` (a dotted name, a `.py` file or a
 package folder; repeatable) and the comma-separated SDGRAPH_NODE_MODULES variable: that is also how
-custom nodes are installed. `--models-dir` may be given several times: the first folder is where models
-are looked for first (and where new ones belong), the later ones are searched after it. Exit status: 0 success, 1 invalid workflow or failed run, 2 bad usage,
-130 interrupted.
+custom nodes are installed. `--models-dir` may be given several times: models are looked for in the
+folders in the order given (the first is where new ones belong). Exit status: 0 success, 1 invalid
+workflow or failed run, 2 bad usage, 130 interrupted.
 """
 from __future__ import annotations
 
