@@ -198,3 +198,63 @@ def test_the_queue_panel_lists_past_prompts_and_opens_one_in_a_new_tab(editor) -
     expect(editor.get_by_test_id("tab")).to_have_count(2)
     expect(editor.get_by_test_id("w-1-value")).to_have_value("77")
     screenshot(editor, "queue-panel")
+
+
+def test_an_uploaded_image_is_chosen_and_runs_to_the_result(editor) -> None:
+    loader = add_node(editor, "loadtestimage", (300, 300))
+    show = add_node(editor, "show image", (800, 300))
+    connect(editor, loader, 0, show, "image")
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (0, 200, 0)).save(buffer, format="PNG")
+    editor.get_by_test_id(f"w-{loader}-image-upload").set_input_files(
+        {"name": "upload-e2e.png", "mimeType": "image/png", "buffer": buffer.getvalue()})
+    expect(editor.get_by_test_id(f"w-{loader}-image")).to_have_value(re.compile(r"^upload-e2e.*\.png$"))
+    editor.get_by_test_id("queue").click()
+    expect(editor.get_by_test_id("status")).to_have_text("done", timeout=20_000)
+    editor.wait_for_function("img => img.complete && img.naturalWidth === 16",
+                             arg=editor.get_by_test_id(f"result-{show}").element_handle())
+
+
+def test_a_second_run_of_an_unchanged_graph_marks_its_nodes_cached(editor) -> None:
+    drop_json(editor, ui_workflow(
+        [{"id": 1, "type": "Constant", "widgets_values": [3], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 2, "type": "ToText", "widgets_values": [False], "inputs": [{"name": "value", "type": "INT", "link": 1}],
+          "outputs": [{"name": "text", "type": "STRING", "links": [2]}]},
+         {"id": 3, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 2}]}],
+        [[1, 1, 0, 2, 0, "INT"], [2, 2, 0, 3, 0, "STRING"]]))
+    for _ in range(2):
+        editor.get_by_test_id("queue").click()
+        expect(editor.get_by_test_id("status")).to_have_text("done", timeout=20_000)
+    expect(editor.locator(node("1") + " .sd-node")).to_have_class(re.compile(r"\bcached\b"))
+    expect(editor.locator(node("2") + " .sd-node")).to_have_class(re.compile(r"\bcached\b"))
+
+
+def test_a_batch_can_be_cancelled_while_pending_and_interrupted_while_running(editor) -> None:
+    drop_json(editor, ui_workflow(
+        [{"id": 1, "type": "SolidImage", "widgets_values": ["red", 16, 0, "increment"],
+          "outputs": [{"name": "image", "type": "IMAGE", "links": [1]}]},
+         {"id": 2, "type": "SlowBrighten", "widgets_values": [100], "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+          "outputs": [{"name": "image", "type": "IMAGE", "links": [2]}]},
+         {"id": 3, "type": "ShowImage", "widgets_values": ["batch"], "inputs": [{"name": "image", "type": "IMAGE", "link": 2}]}],
+        [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]]))
+    editor.get_by_test_id("batch").fill("3")
+    editor.get_by_test_id("queue").click()
+    expect(editor.get_by_test_id("w-1-seed")).to_have_value("3")  # incremented once per queued prompt
+    editor.get_by_test_id("toggle-queue").click()
+    expect(editor.get_by_test_id("queue-running")).to_have_count(1)
+    expect(editor.get_by_test_id("queue-pending")).to_have_count(2)
+    editor.get_by_test_id("queue-pending").first.get_by_role("button", name="cancel").click()
+    expect(editor.get_by_test_id("queue-pending")).to_have_count(1)
+    screenshot(editor, "queue-running-and-pending")
+    first_running = editor.get_by_test_id("queue-running").inner_text()
+    editor.get_by_test_id("interrupt").click()  # the toolbar's Stop: the first prompt
+    expect(editor.get_by_test_id("queue-pending")).to_have_count(0, timeout=20_000)
+    expect(editor.get_by_test_id("queue-running")).not_to_have_text(first_running)
+    editor.get_by_test_id("queue-running").get_by_role("button", name="stop").click()  # the panel's: the last
+    expect(editor.get_by_test_id("queue-running")).to_have_count(0, timeout=20_000)
+    expect(editor.get_by_test_id("status")).to_have_text("interrupted")
+    history = editor.evaluate("fetch('/history').then(r => r.json())")
+    ours = [entry for entry in history.values() 
+            if entry["prompt"][2].get("3", {}).get("inputs", {}).get("filename_prefix") == "batch"]
+    assert [entry["status"]["status_str"] for entry in ours] == ["error", "error"]  # the cancelled one never ran
+    assert sorted(entry["prompt"][2]["1"]["inputs"]["seed"] for entry in ours) == [0, 2]

@@ -7,8 +7,8 @@ import time
 
 from PIL import Image
 
-from engine import Combo, ExecutionContext, Int, NodeResult, Socket, String, node
-from engine.paths import resolve_inside
+from engine import Combo, ExecutionContext, Int, NodeResult, RunSettings, Socket, String, node
+from engine.paths import list_files, resolve_inside
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220)}
 
@@ -41,3 +41,13 @@ def ShowImage(image: Socket("IMAGE"), filename_prefix: String("web"), *, context
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target)
     return NodeResult(ui={"images": [{"filename": name, "subfolder": "", "type": "output"}]})
+
+
+def _input_images(settings: RunSettings) -> list[str]:
+    return list_files(settings.input_dir, (".png",))
+
+
+@node(category="test/image", outputs=[("IMAGE", "image")])
+def LoadTestImage(image: Combo(_input_images, image_upload=True), *, context: ExecutionContext) -> tuple:
+    """An image from the input folder, chosen or uploaded in the editor, as LoadImage is."""
+    return (Image.open(resolve_inside(context.settings.input_dir, image)).convert("RGB"),)

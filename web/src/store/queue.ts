@@ -34,7 +34,7 @@ export async function queueActive(count = 1): Promise<void> {
       useRun.getState().rejected(message, answer.nodeErrors);
       return;
     }
-    useRun.getState().queued(answer.promptId);
+    useRun.getState().queued(answer.promptId, answer.nodeErrors);
     // The value sent is the one shown; the next run gets the next value (ComfyUI's "after" setting).
     useEditor.getState().edit((g) => (g === graph ? applyControlAfterGenerate(g, schemas) : g), "live");
     useEditor.getState().settle();

@@ -37,7 +37,8 @@ interface RunState {
   handle(message: ServerMessage): void;
   showPreview(blob: Blob): void;
   setConnected(open: boolean): void;
-  queued(promptId: string): void;
+  /** A prompt was accepted; `nodeErrors` names the outputs the server left out (they failed validation). */
+  queued(promptId: string, nodeErrors?: NodeErrors): void;
   rejected(message: string, nodeErrors: NodeErrors, local?: Record<string, NodeProblem[]>): void;
   dismissFailure(): void;
 }
@@ -71,7 +72,8 @@ export const useRun = create<RunState>((set, get) => ({
 
   setConnected: (open) => set({ connected: open }),
 
-  queued: (promptId) => set((s) => ({ status: s.status === "running" ? "running" : "queued", problems: {}, failure: null,
+  queued: (promptId, nodeErrors = {}) => set((s) => ({ status: s.status === "running" ? "running" : "queued",
+    problems: problemsFrom(nodeErrors), failure: null,
     message: null, promptId: s.status === "running" ? s.promptId : promptId, queueVersion: s.queueVersion + 1 })),
 
   rejected: (message, nodeErrors, local = {}) => set({ status: "invalid", message, problems: { ...problemsFrom(nodeErrors), ...local } }),
@@ -98,7 +100,7 @@ export const useRun = create<RunState>((set, get) => ({
         return;
       }
       case "execution_start":
-        set({ status: "running", promptId, executing: null, progress: {}, cached: [], executed: [], failure: null, problems: {} });
+        set({ status: "running", promptId, executing: null, progress: {}, cached: [], executed: [], failure: null });
         return;
       case "execution_cached":
         set({ cached: ((data.nodes as unknown[]) ?? []).map(String) });

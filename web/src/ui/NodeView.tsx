@@ -1,10 +1,10 @@
 // A node on the canvas: title, input sockets on the left, widgets (each with its own target handle, so a
 // link can feed it), outputs on the right, run state (highlight, progress, preview, images, errors).
 import { Handle, Position, type NodeProps } from "@xyflow/react";
-import { memo, useCallback } from "react";
+import { memo, useCallback, useState } from "react";
 import { viewUrl } from "../api/client";
 import { type SocketSpec, type WidgetSpec } from "../api/objectInfo";
-import { setControl, setWidgetValue, widgetFor } from "../graph/edit";
+import { setControl, setWidgetValue, updateNode, widgetFor } from "../graph/edit";
 import { MODE_BYPASSED, MODE_MUTED, type GraphNode } from "../graph/model";
 import { outputSlots, widgetSocketType } from "../graph/workflow";
 import { activeTab, useEditor, type EditKind } from "../store/editor";
@@ -23,7 +23,10 @@ function InputHandle({ name, type }: { name: string; type: string }) {
 function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
   const nodeId = data.nodeId;
   const node = useEditor((s) => activeTab(s).graph.nodes.find((n) => n.id === nodeId));
-  const graph = useEditor((s) => activeTab(s).graph);
+  // Only what this node shows, so an edit elsewhere re-renders no other node (a primitive borrows its
+  // widget from the node it feeds, and so follows the whole graph).
+  const linkedKey = useEditor((s) => activeTab(s).graph.links.filter((l) => l.target === nodeId).map((l) => `${l.targetInput}\u0000${l.type}`).join("\u0001"));
+  const graph = useEditor((s) => (node?.primitive || node?.classType === "Reroute" ? activeTab(s).graph : null));
   const schemas = useEditor((s) => s.schemas);
   const edit = useEditor((s) => s.edit);
   const settle = useEditor((s) => s.settle);
@@ -33,10 +36,12 @@ function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
   const images = useRun((s) => s.images[nodeId]);
   const preview = useRun((s) => (s.preview?.nodeId === nodeId ? s.preview.url : null));
   const problems = useRun((s) => s.problems[nodeId]);
+  const [renaming, setRenaming] = useState(false);
   const change = useCallback((name: string, value: unknown, kind: EditKind) => edit((g) => setWidgetValue(g, nodeId, name, value), kind), [edit, nodeId]);
   if (!node) return null;
   const schema = schemas.get(node.classType);
-  const linkedInputs = new Set(graph.links.filter((l) => l.target === nodeId).map((l) => l.targetInput));
+  const incoming = linkedKey ? linkedKey.split("\u0001").map((entry) => entry.split("\u0000")) : [];
+  const linkedInputs = new Set(incoming.map(([input]) => input));
   const problemFor = (input: string) => problems?.filter((p) => p.input === input).map((p) => p.message).join("; ");
   const generalProblems = problems?.filter((p) => !p.input || !schema?.inputOrder.includes(p.input)) ?? [];
   const classes = ["sd-node", selected && "selected", executing && "running", cached && "cached", problems?.length && "error",
@@ -45,7 +50,7 @@ function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
   const color = node.saved.bgcolor as string | undefined;
 
   if (node.classType === "Reroute") {
-    const type = graph.links.find((l) => l.target === nodeId)?.type ?? "*";
+    const type = incoming[0]?.[1] ?? "*";
     return (
       <div className={classes} data-testid={`node-${nodeId}`}>
         <InputHandle name="" type={type} />
@@ -59,7 +64,7 @@ function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
     ? node.unknownSlots.inputs.filter((s) => !s.widget).map((s) => ({ name: s.name, type: s.type, optional: false }))
     : schema?.sockets ?? [];
   const widgets: WidgetSpec[] = node.primitive
-    ? [widgetFor(graph, schemas, node, "value")].filter((w): w is WidgetSpec => !!w)
+    ? [graph && widgetFor(graph, schemas, node, "value")].filter((w): w is WidgetSpec => !!w)
     : schema?.widgets ?? [];
   const outputs = outputSlots(node, schema);
   const isDisplayOnly = node.classType === "Note" || node.classType === "MarkdownNote";
@@ -67,7 +72,16 @@ function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
     <div className={classes} data-testid={`node-${nodeId}`} style={color ? { background: color } : undefined}>
       <div className="sd-title" style={node.saved.color ? { background: node.saved.color as string } : undefined}
         title={schema?.description || node.classType}>
-        <span data-testid={`title-${nodeId}`}>{node.title ?? schema?.title ?? node.classType}</span>
+        {renaming ? (
+          <input autoFocus className="nodrag title-edit" data-testid={`title-edit-${nodeId}`} defaultValue={node.title ?? schema?.title ?? node.classType}
+            onBlur={(e) => { const title = e.target.value.trim(); setRenaming(false);
+              edit((g) => updateNode(g, nodeId, (n) => ({ ...n, title: title && title !== schema?.title ? title : undefined }))); }}
+            onKeyDown={(e) => { if (e.key === "Enter" || e.key === "Escape") (e.target as HTMLInputElement).blur(); }} />
+        ) : (
+          <span data-testid={`title-${nodeId}`} onDoubleClick={(e) => { e.stopPropagation(); setRenaming(true); }} title="double-click to rename">
+            {node.title ?? schema?.title ?? node.classType}
+          </span>
+        )}
         {cached && <small className="badge">cached</small>}
         {node.mode === MODE_MUTED && <small className="badge">muted</small>}
         {node.mode === MODE_BYPASSED && <small className="badge">bypassed</small>}
