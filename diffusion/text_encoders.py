@@ -471,24 +471,28 @@ def embedding_folder_lookup(
     folders: Iterable[str | os.PathLike], *, key: str | None = None
 ) -> Callable[[str], Tensor | None]:
     """A name -> vectors lookup over embeddings folders and their subfolders, as ComfyUI searches them:
-    the exact file name, then with `.safetensors`, `.pt`, `.bin` appended. Names never escape a folder.
-    Unreadable files are skipped with a warning."""
+    the exact file name, then with `.safetensors`, `.pt`, `.bin` appended; the first folder that has it wins.
+    Names never escape a folder, through `..` or through a symlink. Unreadable files are skipped with a
+    warning."""
     roots = [Path(f).resolve() for f in folders]
+
+    def inside(root: Path, path: Path) -> Path | None:
+        resolved = path.resolve()
+        return resolved if resolved.is_relative_to(root) and resolved.is_file() else None
 
     def lookup(name: str) -> Tensor | None:
         for root in roots:
             search = [root] + sorted(Path(d) for d, _, _ in os.walk(root, followlinks=True) if Path(d) != root)
             for folder in search:
-                candidate = (folder / name).resolve()
-                if not candidate.is_relative_to(root):
-                    continue
-                for path in [candidate] + [candidate.with_name(candidate.name + e) for e in EMBEDDING_EXTENSIONS]:
-                    if path.is_file():
-                        try:
-                            return load_textual_inversion(path, key=key)
-                        except ValueError as exc:
-                            log.warning("skipping embedding %s: %s", path, exc)
-                            return None
+                for option in [name] + [name + extension for extension in EMBEDDING_EXTENSIONS]:
+                    path = inside(root, folder / option)
+                    if path is None:
+                        continue
+                    try:
+                        return load_textual_inversion(path, key=key)
+                    except ValueError as exc:
+                        log.warning("skipping embedding %s: %s", path, exc)
+                        return None
         return None
 
     return lookup
