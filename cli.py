@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence, TextIO
 from engine import Executor, Registry, ResultCache, RunSettings, import_node_module, validate_prompt
 from engine.events import Event, Executing, Progress
 from engine.executor import ExecutionResult
-from engine.workflow import PromptFormatError, load_prompt_file
+from engine.workflow import PromptFormatError, WorkflowDocument, load_workflow_document
 
 WORKFLOW_HELP = "API-format workflow JSON, a POST /prompt body, or a PNG that carries its prompt"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -104,9 +104,10 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
                        output_dir=args.output_dir, temp_dir=args.temp_dir, device=args.device, preview=args.preview)
 
 
-def read_workflow(path: Path) -> dict[str, Any]:
+def read_workflow(path: Path, registry: Registry) -> WorkflowDocument:
+    """API JSON, UI-format JSON (converted with the registry's schemas) or a PNG with embedded metadata."""
     try:
-        return load_prompt_file(path)
+        return load_workflow_document(path, registry)
     except PromptFormatError as problem:
         raise UsageError(str(problem)) from problem
 
@@ -114,7 +115,7 @@ def read_workflow(path: Path) -> dict[str, Any]:
 # --- validate ---------------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
-    result = validate_prompt(read_workflow(args.workflow), registry, settings=settings_from(args))
+    result = validate_prompt(read_workflow(args.workflow, registry).prompt, registry, settings=settings_from(args))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     problems = result.messages()
@@ -215,12 +216,15 @@ def run_summary(result: ExecutionResult, settings: RunSettings, seconds: float) 
 
 def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     settings = settings_from(args)
-    prompt = apply_overrides(read_workflow(args.workflow), args.set, registry)
+    document = read_workflow(args.workflow, registry)
+    prompt = apply_overrides(document.prompt, args.set, registry)
     executor = Executor(registry, settings=settings)
     if not args.json:
         executor.subscribe(ProgressDisplay(prompt, sys.stderr))
     started = time.perf_counter()
-    result = executor.execute(prompt, targets=args.target or None)
+    # The UI workflow rides along as ComfyUI's extra_pnginfo, so saved images can be reopened in an editor.
+    extra_data = {"extra_pnginfo": {"workflow": document.ui_workflow}} if document.ui_workflow else None
+    result = executor.execute(prompt, targets=args.target or None, extra_data=extra_data)
     summary = run_summary(result, settings, time.perf_counter() - started)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

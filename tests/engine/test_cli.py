@@ -64,9 +64,13 @@ def test_validate_json_prints_comfyui_error_answer(workflow, capsys):
     assert answer["node_errors"]["1"]["errors"][0]["type"] == "required_input_missing"
 
 
-def test_ui_format_file_is_refused_by_name(workflow, capsys):
-    assert run_cli("validate", workflow({"nodes": [], "links": [], "version": 0.4})) == 2
-    assert "this is a UI-format workflow" in capsys.readouterr().err
+def test_ui_format_file_is_converted_with_the_node_schemas(workflow, capsys):
+    ui = {"version": 0.4, "links": [], "nodes": [
+        {"id": 3, "type": "Output", "mode": 0, "inputs": [], "outputs": [], "widgets_values": []}]}
+    assert run_cli("validate", workflow(ui), "--json") == 1
+    answer = json.loads(capsys.readouterr().out)
+    # The converted node keeps its id; its missing required input is reported as for an API prompt.
+    assert answer["node_errors"]["3"]["errors"][0]["type"] == "required_input_missing"
 
 
 def test_unreadable_json_is_a_usage_error(tmp_path, capsys):
@@ -197,7 +201,7 @@ def test_default_nodes_package_loads_even_when_empty(capsys):
 def test_serve_hands_settings_host_port_and_allowed_hosts_to_the_server(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType("server")
-    fake.serve = lambda settings, host, port, registry, allow_hosts: calls.append(
+    fake.serve = lambda settings, host, port, registry, allow_hosts, **options: calls.append(
         (settings, host, port, len(registry), allow_hosts))
     monkeypatch.setitem(sys.modules, "server", fake)
     assert run_cli("serve", "--port", "9000", "--output-dir", str(tmp_path), "--device", "cpu",
@@ -233,7 +237,7 @@ def test_run_replays_the_prompt_stored_in_a_png(tmp_path, out_dir, capsys):
 def test_png_without_a_prompt_is_a_usage_error(tmp_path, capsys):
     image = png_with_text(tmp_path / "plain.png", comment="hello")
     assert run_cli("validate", image) == 2
-    assert "this PNG carries no 'prompt' metadata" in capsys.readouterr().err
+    assert "this PNG carries neither 'prompt' nor 'workflow' metadata" in capsys.readouterr().err
 
 
 def test_run_with_some_outputs_invalid_runs_the_rest_and_exits_1(workflow, out_dir, capsys):
