@@ -97,8 +97,7 @@ def model_file(settings: RunSettings, kind: str, name: str, input_name: str) -> 
         raise ValueError(f"{input_name}: {error}") from None
 
 
-def checkpoint_path(settings: RunSettings, name: str, input_name: str = "ckpt_name") -> Path:
-    """A checkpoint by name: the checkpoints folders, then diffusers folders, then the built-in demo."""
+def _find_checkpoint(settings: RunSettings, name: str, input_name: str) -> Path | None:
     for kind in ("checkpoints", "diffusers"):
         try:
             return find_model_file(settings.model_roots, kind, name)
@@ -106,6 +105,14 @@ def checkpoint_path(settings: RunSettings, name: str, input_name: str = "ckpt_na
             continue
         except UnsafePathError as error:
             raise ValueError(f"{input_name}: {error}") from None
+    return None
+
+
+def checkpoint_path(settings: RunSettings, name: str, input_name: str = "ckpt_name") -> Path:
+    """A checkpoint by name: the checkpoints folders, then diffusers folders, then the built-in demo."""
+    found = _find_checkpoint(settings, name, input_name)
+    if found is not None:
+        return found
     if name == DEMO_CHECKPOINT:
         return demo_checkpoint_file(settings)
     return model_file(settings, "checkpoints", name, input_name)  # raises, naming the folders searched
@@ -138,6 +145,41 @@ def head_overrides_for(path: Path) -> HeadOverrides | None:
         except CheckpointError:
             return None  # load_checkpoint reports the layout properly
         return tiny_overrides_for_widths(shapes, family)
+
+
+# --- cache fingerprints -------------------------------------------------------------------------------------
+# The executor caches a loader's output by its inputs; a file replaced under the same name must reload, so
+# the file's state joins the cache key. Stat calls only: nothing is read.
+
+
+def file_state(path: Path) -> list:
+    """[path, newest mtime_ns, total size] of a file, or of every file in a (diffusers) folder."""
+    files = [path] if path.is_file() else [Path(d, f) for d, _, names in os.walk(path) for f in names]
+    stats = [f.stat() for f in files]
+    return [str(path), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats)]
+
+
+def file_fingerprint(kind: str, input_name: str):
+    """A fingerprint hook for a node whose `input_name` names a file of `kind`; a missing file leaves the
+    error to validation and the node."""
+    def fingerprint(constants, settings: RunSettings) -> list | None:
+        try:
+            return file_state(find_model_file(settings.model_roots, kind, constants.get(input_name)))
+        except (FileNotFoundError, UnsafePathError, OSError):
+            return None
+    return fingerprint
+
+
+def _checkpoint_fingerprint(constants, settings: RunSettings) -> list | None:
+    try:
+        found = _find_checkpoint(settings, constants.get("ckpt_name"), "ckpt_name")
+        # The demo is generated from a fixed seed: the same model whatever its temp file's time stamp.
+        state = file_state(found) if found is not None else ["demo", _DEMO_SEED]
+    except (ValueError, OSError):
+        return None
+    if "config_name" in constants:
+        return [state, file_fingerprint("configs", "config_name")(constants, settings)]
+    return state
 
 
 # --- handles ------------------------------------------------------------------------------------------------
@@ -204,7 +246,7 @@ def config_prediction(path: Path) -> str:
 
 
 @node(category="loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-      display_name="Load Checkpoint")
+      display_name="Load Checkpoint", fingerprint=_checkpoint_fingerprint)
 def CheckpointLoaderSimple(ckpt_name: Combo(checkpoint_names), *, context: ExecutionContext) -> tuple:
     """A checkpoint (single file or diffusers folder) as its diffusion model, text encoder and VAE."""
     path = checkpoint_path(context.settings, ckpt_name)
@@ -212,7 +254,8 @@ def CheckpointLoaderSimple(ckpt_name: Combo(checkpoint_names), *, context: Execu
 
 
 @node(category="advanced/loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-      display_name="Load Checkpoint With Config (DEPRECATED)", deprecated=True)
+      display_name="Load Checkpoint With Config (DEPRECATED)", deprecated=True,
+      fingerprint=_checkpoint_fingerprint)
 def CheckpointLoader(config_name: Combo(config_names), ckpt_name: Combo(checkpoint_names), *,
                      context: ExecutionContext) -> tuple:
     """A checkpoint whose prediction type comes from an LDM yaml in models/configs (`parameterization`)."""
@@ -222,14 +265,15 @@ def CheckpointLoader(config_name: Combo(config_names), ckpt_name: Combo(checkpoi
 
 
 @node(category="advanced/loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-      display_name="DiffusersLoader")
+      display_name="DiffusersLoader", fingerprint=file_fingerprint("diffusers", "model_path"))
 def DiffusersLoader(model_path: Combo(diffusers_names), *, context: ExecutionContext) -> tuple:
     """A diffusers pipeline folder under models/diffusers."""
     folder = model_file(context.settings, "diffusers", model_path, "model_path")
     return load_checkpoint_handles(folder, context.settings, input_name="model_path")
 
 
-@node(category="loaders", outputs=[("VAE", "VAE")], display_name="Load VAE")
+@node(category="loaders", outputs=[("VAE", "VAE")], display_name="Load VAE",
+      fingerprint=file_fingerprint("vae", "vae_name"))
 def VAELoader(vae_name: Combo(vae_names), *, context: ExecutionContext) -> tuple:
     """A standalone VAE (LDM or diffusers names, or a full checkpoint's VAE part)."""
     path = model_file(context.settings, "vae", vae_name, "vae_name")
@@ -245,7 +289,8 @@ def VAELoader(vae_name: Combo(vae_names), *, context: ExecutionContext) -> tuple
 CLIP_TYPES = ("stable_diffusion",)
 
 
-@node(category="advanced/loaders", outputs=[("CLIP", "CLIP")], display_name="Load CLIP")
+@node(category="advanced/loaders", outputs=[("CLIP", "CLIP")], display_name="Load CLIP",
+      fingerprint=file_fingerprint("text_encoders", "clip_name"))
 def CLIPLoader(clip_name: Combo(text_encoder_names), type: Combo(CLIP_TYPES, default="stable_diffusion"), *,
                context: ExecutionContext) -> tuple:
     """A standalone text encoder from models/text_encoders (CLIP-L for SD1, OpenCLIP-H for SD2)."""
@@ -270,7 +315,7 @@ def _refuse_fp8(constants) -> str | None:
 
 
 @node(category="advanced/loaders", outputs=[("MODEL", "MODEL")], display_name="Load Diffusion Model",
-      validate=_refuse_fp8)
+      validate=_refuse_fp8, fingerprint=file_fingerprint("diffusion_models", "unet_name"))
 def UNETLoader(unet_name: Combo(unet_names), weight_dtype: Combo(WEIGHT_DTYPES, default="default"), *,
                context: ExecutionContext) -> tuple:
     """A standalone UNet from models/diffusion_models. With no VAE to fit them to, it has no live previews."""

@@ -13,7 +13,7 @@ from diffusion.lora import LoraPatches, load_lora, text_lora_names, unet_lora_na
 from diffusion.safetensors_io import CheckpointError
 from engine import Combo, ExecutionContext, Float, RunSettings, Socket, node
 from engine.model_folders import model_files
-from nodes.loaders import model_file
+from nodes.loaders import file_fingerprint, model_file
 from nodes.values import ClipHandle, ModelHandle, WeightPatch
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def _weight_patches(deltas: dict, strength: float, source: str) -> dict[str, Wei
 _STRENGTH = dict(min=-100.0, max=100.0, step=0.01)
 
 
-@node(category="loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP")], display_name="Load LoRA")
+@node(category="loaders", outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP")], display_name="Load LoRA",
+      fingerprint=file_fingerprint("loras", "lora_name"))
 def LoraLoader(
     model: Socket("MODEL"),
     clip: Socket("CLIP"),
@@ -69,7 +70,8 @@ def LoraLoader(
     return model, clip
 
 
-@node(category="loaders", outputs=[("MODEL", "MODEL")], display_name="LoraLoaderModelOnly")
+@node(category="loaders", outputs=[("MODEL", "MODEL")], display_name="LoraLoaderModelOnly",
+      fingerprint=file_fingerprint("loras", "lora_name"))
 def LoraLoaderModelOnly(
     model: Socket("MODEL"), lora_name: Combo(lora_names), strength_model: Float(1.0, **_STRENGTH), *,
     context: ExecutionContext,

@@ -191,3 +191,44 @@ def test_a_damaged_checkpoint_is_an_error_naming_the_input_and_file(fresh_settin
     (_folder(fresh_settings, "checkpoints") / "broken.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match=r"ckpt_name: .*broken\.safetensors"):
         CheckpointLoaderSimple("broken.safetensors", context=make_context(fresh_settings))
+
+
+# --- caching through the engine -----------------------------------------------------------------------------
+
+import os as _os  # noqa: E402
+
+from engine import Executor, Registry  # noqa: E402
+from nodes import loaders as loader_nodes  # noqa: E402
+from nodes import lora as lora_nodes  # noqa: E402
+
+
+def _registry():
+    registry = Registry()
+    registry.load_module(loader_nodes)
+    registry.load_module(lora_nodes)
+    return registry
+
+
+def test_the_engine_caches_a_loader_until_its_file_changes(fresh_settings):
+    checkpoint = write_tiny_checkpoint(_folder(fresh_settings, "checkpoints") / "m.safetensors", "sd1")
+    executor = Executor(_registry(), settings=fresh_settings)
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+              "2": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["1", 1], "stop_at_clip_layer": -1}}}
+    first = executor.execute(prompt, targets=["2"])
+    prompt["2"]["inputs"]["stop_at_clip_layer"] = -2
+    second = executor.execute(prompt, targets=["2"])
+    stat = checkpoint.stat()
+    _os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
+    third = executor.execute(prompt, targets=["2"])
+    assert first.executed == ("1", "2")
+    assert second.executed == ("2",) and second.cached == ("1",)
+    assert "1" in third.executed
+
+
+def test_the_demo_checkpoint_stays_cached_when_its_temp_file_is_rewritten(fresh_settings):
+    executor = Executor(_registry(), settings=fresh_settings)
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_CHECKPOINT}},
+              "2": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["1", 1], "stop_at_clip_layer": -1}}}
+    assert executor.execute(prompt, targets=["2"]).executed == ("1", "2")
+    (fresh_settings.temp_dir / "sdgraph-demo" / DEMO_CHECKPOINT).unlink()
+    assert executor.execute(prompt, targets=["2"]).executed == ()
