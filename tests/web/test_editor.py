@@ -258,3 +258,19 @@ def test_a_batch_can_be_cancelled_while_pending_and_interrupted_while_running(ed
             if entry["prompt"][2].get("3", {}).get("inputs", {}).get("filename_prefix") == "batch"]
     assert [entry["status"]["status_str"] for entry in ours] == ["error", "error"]  # the cancelled one never ran
     assert sorted(entry["prompt"][2]["1"]["inputs"]["seed"] for entry in ours) == [0, 2]
+
+
+def test_a_link_dragged_off_its_input_onto_nothing_is_removed_and_undo_restores_it(editor) -> None:
+    drop_json(editor, ui_workflow(
+        [{"id": 1, "type": "Constant", "widgets_values": [3], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 2, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
+        [[1, 1, 0, 2, 0, "INT"]]))
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)
+    end = editor.locator(handle("2", "in:value")).bounding_box()
+    editor.mouse.move(end["x"] + end["width"] / 2, end["y"] + end["height"] / 2)
+    editor.mouse.down()
+    editor.mouse.move(end["x"] + 60, end["y"] + 300, steps=8)
+    editor.mouse.up()
+    expect(editor.locator(".react-flow__edge")).to_have_count(0)
+    editor.keyboard.press("Control+z")
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)

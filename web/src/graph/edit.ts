@@ -101,20 +101,22 @@ export function connect(graph: Graph, schemas: Schemas, c: Connection): Graph {
 
 export function removeLinks(graph: Graph, ids: Set<string>): Graph {
   const links = graph.links.filter((l) => !ids.has(l.id));
+  if (links.length === graph.links.length) return graph;
   return resetLonelyPrimitives({ ...graph, links });
 }
 
 export function removeNodes(graph: Graph, ids: Set<string>): Graph {
   const nodes = graph.nodes.filter((n) => !ids.has(n.id));
+  if (nodes.length === graph.nodes.length) return graph;
   const links = graph.links.filter((l) => !ids.has(l.source) && !ids.has(l.target));
   return resetLonelyPrimitives({ ...graph, nodes, links });
 }
 
 /** A primitive node that feeds nothing any more is free to take another widget's shape. */
 function resetLonelyPrimitives(graph: Graph): Graph {
-  const nodes = graph.nodes.map((n) => n.primitive && n.primitive.type !== "*" && !graph.links.some((l) => l.source === n.id)
-    ? { ...n, primitive: { type: "*", widget: "", config: null }, values: {}, controls: {} } : n);
-  return { ...graph, nodes };
+  const lonely = (n: GraphNode) => n.primitive && n.primitive.type !== "*" && !graph.links.some((l) => l.source === n.id);
+  if (!graph.nodes.some(lonely)) return graph;
+  return { ...graph, nodes: graph.nodes.map((n) => (lonely(n) ? { ...n, primitive: { type: "*", widget: "", config: null }, values: {}, controls: {} } : n)) };
 }
 
 export function updateNode(graph: Graph, id: string, change: (node: GraphNode) => GraphNode): Graph {

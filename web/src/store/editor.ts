@@ -38,6 +38,8 @@ interface EditorState {
   setLoadError(message: string | null): void;
   edit(change: (graph: Graph) => Graph, kind?: EditKind): void;
   settle(): void;
+  /** Where the camera is (saved as the UI format's extra.ds); not an undo step. */
+  setCamera(ds: { scale: number; offset: [number, number] }): void;
   undo(): void;
   redo(): void;
   select(nodes: string[], links?: string[], group?: number | null): void;
@@ -98,6 +100,8 @@ export const useEditor = create<EditorState>((set, get) => ({
     const base = state.pendingBase;
     set({ pendingBase: null, tabs: withActive(state, (t) => (t.graph === base ? t : { ...t, past: pushPast(t.past, base), future: [] })) });
   },
+
+  setCamera: (ds) => set((state) => ({ tabs: withActive(state, (t) => ({ ...t, graph: { ...t.graph, extra: { ...t.graph.extra, ds } } })) })),
 
   undo: () => {
     get().settle();

@@ -20,7 +20,7 @@ interface PaletteRequest {
   flow: { x: number; y: number };
   only?: string[];
   /** Connect the new node to this dragged end. */
-  from?: { nodeId: string; handle: string; kind: "source" | "target"; type: string };
+  from?: { nodeId: string; handle: string; kind: "source" | "target"; type: string; detached?: string };
 }
 
 function parseConnection(c: FlowConnection | Edge) {
@@ -122,19 +122,25 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
     const kind = params.handleType === "target" ? "target" : "source";
     const type = kind === "source" ? outputType(g, state.schemas, params.nodeId, Number(params.handleId.slice(4)))
       : inputType(g, state.schemas, params.nodeId, params.handleId.slice(3));
-    dragging.current = { nodeId: params.nodeId, handle: params.handleId, kind, type: type ?? "*" };
+    const detached = kind === "target" ? g.links.find((l) => l.target === params.nodeId && `in:${l.targetInput}` === params.handleId) : undefined;
+    dragging.current = { nodeId: params.nodeId, handle: params.handleId, kind, type: type ?? "*", detached: detached?.id };
   }, []);
 
   const onConnectEnd: OnConnectEnd = useCallback((event, state) => {
     const from = dragging.current;
     dragging.current = null;
     if (!from || state.isValid || state.toNode) return;
+    if (from.detached) {
+      // A link pulled off its input and let go on nothing is removed, as in ComfyUI.
+      edit((g) => removeLinks(g, new Set([from.detached!])));
+      return;
+    }
     const point = "changedTouches" in event ? event.changedTouches[0] : event;
     const schemasNow = useEditor.getState().schemas;
     const only = from.kind === "source" ? classesAccepting(schemasNow, from.type)
       : schemasNow.classNames().filter((c) => schemasNow.get(c)!.outputs.some((o) => o.type === from.type || from.type === "*"));
     setPalette({ screen: { x: point.clientX, y: point.clientY }, flow: flow.screenToFlowPosition({ x: point.clientX, y: point.clientY }), only, from });
-  }, [flow]);
+  }, [flow, edit]);
 
   const pickNode = useCallback((classType: string) => {
     const request = palette;
@@ -179,6 +185,23 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
     return () => document.removeEventListener("keydown", onKey);
   }, [flow]);
 
+  const onReconnect = useCallback((old: Edge, c: FlowConnection) => edit((g) => {
+    const state = useEditor.getState();
+    return connect(removeLinks(g, new Set([old.id])), state.schemas, parseConnection(c));
+  }), [edit]);
+
+  // A link dragged off its input and let go on nothing is removed, as in ComfyUI.
+  const onReconnectEnd = useCallback((_: unknown, old: Edge, __: unknown, state: { isValid: boolean | null }) => {
+    if (!state.isValid) edit((g) => removeLinks(g, new Set([old.id])));
+  }, [edit]);
+
+  const camera = useMemo(() => {
+    const ds = activeTab(useEditor.getState()).graph.extra.ds as { scale?: number; offset?: number[] } | undefined;
+    if (!ds || typeof ds.scale !== "number" || !Array.isArray(ds.offset)) return null;
+    // litegraph draws at (pos + offset) * scale; React Flow at pos * zoom + (x, y)
+    return { x: Number(ds.offset[0]) * ds.scale, y: Number(ds.offset[1]) * ds.scale, zoom: ds.scale };
+  }, []);
+
   const onDrop = useCallback((event: DragEvent) => {
     if (!event.dataTransfer?.files?.length) return;
     event.preventDefault();
@@ -189,9 +212,10 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
     <div className="canvas" ref={wrapper} onDoubleClick={onDoubleClick} onDragOver={(e) => e.preventDefault()} onDrop={onDrop}>
       <ReactFlow nodes={nodes} edges={edges} nodeTypes={nodeTypes} onNodesChange={onNodesChange} onSelectionChange={onSelectionChange}
         onDelete={onDelete} onConnect={onConnect} onConnectStart={onConnectStart} onConnectEnd={onConnectEnd}
-        isValidConnection={isValidConnection} zoomOnDoubleClick={false} deleteKeyCode={["Delete", "Backspace"]}
+        isValidConnection={isValidConnection} onReconnect={onReconnect} onReconnectEnd={onReconnectEnd}
+        onMoveEnd={(_, viewport) => useEditor.getState().setCamera({ scale: viewport.zoom, offset: [viewport.x / viewport.zoom, viewport.y / viewport.zoom] })} zoomOnDoubleClick={false} deleteKeyCode={["Delete", "Backspace"]}
         multiSelectionKeyCode={["Shift", "Control", "Meta"]} selectionKeyCode="Shift" minZoom={0.1} maxZoom={4}
-        onPaneClick={() => setPalette(null)} defaultViewport={{ x: 0, y: 0, zoom: 1 }} fitView fitViewOptions={{ maxZoom: 1, padding: 0.1 }} colorMode="dark" proOptions={{ hideAttribution: true }}>
+        onPaneClick={() => setPalette(null)} defaultViewport={camera ?? { x: 0, y: 0, zoom: 1 }} fitView={!camera} fitViewOptions={{ maxZoom: 1, padding: 0.1 }} colorMode="dark" proOptions={{ hideAttribution: true }}>
         <Background gap={20} color="#333" />
         <Controls showInteractive={false} />
         <MiniMap pannable zoomable nodeColor={(n) => (n.type === "sdgroup" ? "#3f789e55" : "#888")} />
