@@ -13,24 +13,27 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from diffusion import detection
 from diffusion.checkpoints import LoadedCheckpoint, load_checkpoint, load_vae, open_tensor_file
 from diffusion.detection import HeadOverrides
+from diffusion.latent_format import LatentFormat
 from diffusion.latent_preview import fit_latent_to_rgb
 from diffusion.safetensors_io import CheckpointError
 from diffusion.sampling.model_sampling import DiscreteConfig, DiscreteModelSampling
-from diffusion.text_encoders import SDTextEncoder, embedding_folder_lookup
 from diffusion.standalone_files import load_text_encoder_file, load_unet_file
+from diffusion.text_encoders import ClipTextEncoder, SDTextEncoder, embedding_folder_lookup
 from diffusion.tiny_models import head_overrides_from_metadata, tiny_overrides_for_widths, write_tiny_checkpoint
-from diffusion.latent_format import LatentFormat
 from diffusion.vae import SD_VAE, AutoencoderKL
 from engine import Combo, ExecutionContext, Int, RunSettings, Socket, node
 from engine.model_folders import MODEL_FOLDERS, UnsafePathError, find_model_file, model_files
 from engine.paths import list_files, resolve_inside
+from engine.schema import FingerprintHook
 from nodes.runtime import compute_dtype, model_manager
 from nodes.values import ClipHandle, ModelHandle, VaeHandle
 
@@ -119,14 +122,14 @@ def checkpoint_path(settings: RunSettings, name: str, input_name: str = "ckpt_na
 
 
 def demo_checkpoint_file(settings: RunSettings) -> Path:
-    """The demo checkpoint, (re)written into the temp folder; the same seed gives the same bytes every time,
-    so writing it again (the temp folder is cleared at start) changes nothing a cache could see."""
+    """The demo checkpoint, written into the temp folder each time it is loaded (a fraction of a second, and
+    only when the executor's cache misses): a file left there by another version is never trusted. The same
+    seed gives the same bytes every time."""
     path = resolve_inside(settings.temp_dir, f"sdgraph-demo/{DEMO_CHECKPOINT}")
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        write_tiny_checkpoint(partial, "sd1", seed=_DEMO_SEED)
-        os.replace(partial, path)  # atomic: a concurrent reader sees the whole file or none
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    write_tiny_checkpoint(partial, "sd1", seed=_DEMO_SEED)
+    os.replace(partial, path)  # atomic: a concurrent reader sees the whole file or none
     return path
 
 
@@ -159,10 +162,10 @@ def file_state(path: Path) -> list:
     return [str(path), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats)]
 
 
-def file_fingerprint(kind: str, input_name: str):
+def file_fingerprint(kind: str, input_name: str) -> FingerprintHook:
     """A fingerprint hook for a node whose `input_name` names a file of `kind`; a missing file leaves the
     error to validation and the node."""
-    def fingerprint(constants, settings: RunSettings) -> list | None:
+    def fingerprint(constants: Mapping[str, Any], settings: RunSettings) -> list | None:
         try:
             return file_state(find_model_file(settings.model_roots, kind, constants.get(input_name)))
         except (FileNotFoundError, UnsafePathError, OSError):
@@ -170,7 +173,7 @@ def file_fingerprint(kind: str, input_name: str):
     return fingerprint
 
 
-def _checkpoint_fingerprint(constants, settings: RunSettings) -> list | None:
+def _checkpoint_fingerprint(constants: Mapping[str, Any], settings: RunSettings) -> list | None:
     try:
         found = _find_checkpoint(settings, constants.get("ckpt_name"), "ckpt_name")
         # The demo is generated from a fixed seed: the same model whatever its temp file's time stamp.
@@ -192,13 +195,13 @@ def preview_factors_for(vae: AutoencoderKL, settings: RunSettings) -> torch.Tens
         return fit_latent_to_rgb(vae)
 
 
-def embeddings_lookup(settings: RunSettings):
+def embeddings_lookup(settings: RunSettings) -> Callable[[str], torch.Tensor | None]:
     """`embedding:name` lookups over every model root's embeddings folders (searched at encode time)."""
     folders = [root / folder for root in settings.model_roots for folder in MODEL_FOLDERS["embeddings"]]
     return embedding_folder_lookup(folders)
 
 
-def clip_handle(encoder, settings: RunSettings) -> ClipHandle:
+def clip_handle(encoder: ClipTextEncoder, settings: RunSettings) -> ClipHandle:
     return ClipHandle(SDTextEncoder(encoder, embeddings=embeddings_lookup(settings)))
 
 
@@ -239,7 +242,6 @@ def config_prediction(path: Path) -> str:
     text (the one key we use): a yaml parser would be a dependency, and yaml tags can construct objects."""
     match = _PARAMETERIZATION.search(path.read_text(encoding="utf-8", errors="replace"))
     return "v_prediction" if match is not None and match.group(1) == "v" else "eps"
-
 
 
 # --- nodes --------------------------------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def CLIPLoader(clip_name: Combo(text_encoder_names), type: Combo(CLIP_TYPES, def
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 
-def _refuse_fp8(constants) -> str | None:
+def _refuse_fp8(constants: Mapping[str, Any]) -> str | None:
     if constants.get("weight_dtype", "default") != "default":
         return (f"weight_dtype: {constants['weight_dtype']} is not supported (fp8 weights need kernels sdgraph "
                 "does not have); use 'default' (fp16 on CUDA, fp32 on the CPU)")
