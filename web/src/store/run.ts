@@ -23,6 +23,8 @@ interface RunState {
   connected: boolean;
   queueRemaining: number;
   promptId: string | null;
+  /** Prompts whose execution_start has arrived: a fast run can finish before the POST /prompt answer. */
+  started: string[];
   executing: string | null;
   progress: Record<string, { value: number; max: number }>;
   cached: string[];
@@ -59,6 +61,7 @@ export const useRun = create<RunState>((set, get) => ({
   connected: false,
   queueRemaining: 0,
   promptId: null,
+  started: [],
   executing: null,
   progress: {},
   cached: [],
@@ -72,7 +75,8 @@ export const useRun = create<RunState>((set, get) => ({
 
   setConnected: (open) => set({ connected: open }),
 
-  queued: (promptId, nodeErrors = {}) => set((s) => ({ status: s.status === "running" ? "running" : "queued",
+  queued: (promptId, nodeErrors = {}) => set((s) => ({
+    status: s.started.includes(promptId) || s.status === "running" ? s.status : "queued",
     problems: problemsFrom(nodeErrors), failure: null,
     message: null, promptId: s.status === "running" ? s.promptId : promptId, queueVersion: s.queueVersion + 1 })),
 
@@ -100,7 +104,8 @@ export const useRun = create<RunState>((set, get) => ({
         return;
       }
       case "execution_start":
-        set({ status: "running", promptId, executing: null, progress: {}, cached: [], executed: [], failure: null });
+        set({ status: "running", promptId, executing: null, progress: {}, cached: [], executed: [], failure: null,
+          started: promptId ? [...state.started, promptId].slice(-100) : state.started });
         return;
       case "execution_cached":
         set({ cached: ((data.nodes as unknown[]) ?? []).map(String) });
