@@ -49,8 +49,11 @@ _PEFT_METADATA = "lora_adapter_metadata"
 #: From the current weight (its device and dtype) to the change at strength 1, float32 (nodes.values.WeightDelta).
 WeightDelta = Callable[[Tensor], Tensor]
 
+# "diffusion_model." and "text_encoders.clip_?.transformer." are ComfyUI's generic spellings (the model's own
+# state-dict keys, as its LoRA saver writes them); SD1 carries CLIP-L, SD2 OpenCLIP-H.
 UNET_PREFIXES = ("lora_unet_", "unet.", "lycoris_", "diffusion_model.", "")
-TEXT_PREFIXES = ("lora_te_", "lora_te1_", "text_encoder.", "")
+TEXT_PREFIXES = ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.clip_l.transformer.",
+                 "text_encoders.clip_h.transformer.", "")
 _TEXT_FILE_PREFIXES = ("lora_te", "text_encoder", "text_model")
 
 

@@ -118,6 +118,21 @@ def test_diffusers_attention_processor_names_reach_the_same_weights_as_kohya(nam
     assert _match(converted, names).unet.keys() == _match(tensors, names).unet.keys()
 
 
+@pytest.mark.parametrize("module, weight", [
+    ("diffusion_model.input_blocks.1.1.proj_in", "input_blocks.1.1.proj_in.weight"),
+    ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+     "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"),
+    ("lycoris_down_blocks_0_attentions_0_proj_out", "input_blocks.1.1.proj_out.weight"),
+    ("text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2",
+     "transformer.encoder.layers.1.mlp.fc2.weight"),
+    ("lora_te1_text_model_encoder_layers_2_self_attn_out_proj", "transformer.encoder.layers.2.self_attn.out_proj.weight"),
+])
+def test_every_known_spelling_reaches_its_weight(module, weight, names):
+    tensors = {f"{module}.lora_down.weight": torch.zeros(2, 32), f"{module}.lora_up.weight": torch.zeros(32, 2)}
+    result = _match(tensors, names)
+    assert list(result.unet) + list(result.text) == [weight]
+
+
 def test_conv_lora_delta_has_the_kernel_of_down(sd1, names):
     tensors, _ = tiny_lora_tensors("sd1", "kohya", conv=True, text=False)
     key = "input_blocks.1.0.in_layers.2.weight"
