@@ -483,14 +483,17 @@ def loop_prompt(tiny_name: str, steps: int) -> dict:
 def test_the_step_loop_runs_as_a_graph_and_equals_sampler_custom(node_settings, tiny_names):
     registry = cli.load_registry([])
     registry.register(KeepLatent)
-    progress = []
+    progress: list[Progress] = []
     executor = Executor(registry, settings=node_settings)
-    executor.subscribe(lambda event: progress.append((event.node, event.value, event.max))
-                       if isinstance(event, Progress) and event.node.startswith("d") else None)
+    executor.subscribe(lambda event: progress.append(event) if isinstance(event, Progress) else None)
     result = executor.execute(loop_prompt(tiny_names.sd1, 3))
     assert result.ok, result.error
     assert relative_error(KEPT["loop"]["samples"], KEPT["custom"]["samples"]) < 1e-5
-    assert progress == [("d0", 1, 3), ("d1", 2, 3), ("d2", 3, 3)]
+    steps = [(event.node, event.value, event.max) for event in progress if event.node.startswith("d")]
+    assert steps == [("d0", 1, 3), ("d1", 2, 3), ("d2", 3, 3)]
+    # The sampler node's progress events carry the live preview the server sends as a binary frame.
+    custom = [event for event in progress if event.node == "custom"]
+    assert [event.value for event in custom] == [1, 2, 3] and custom[0].preview[0] == "JPEG"
 
 
 # --- the compute device --------------------------------------------------------------------------------------
