@@ -7,6 +7,7 @@ told by the structure, as for whole checkpoints: a linear `proj_in` or an open_c
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from diffusion.checkpoints import (
 )
 from diffusion.detection import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX, HeadOverrides, PredictionChoice
 from diffusion.safetensors_io import CheckpointError
-from diffusion.text_encoders import ClipTextEncoder, text_encoder_config_from_state_dict
+from diffusion.text_encoders import SD2_OPENCLIP_H, ClipTextEncoder, text_encoder_config_from_state_dict
 from diffusion.unet import UNetConfig, UNetModel
 
 _TEXT_PREFIXES = (SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, "cond_stage_model.", "")
@@ -81,6 +82,11 @@ def load_unet_file(
     return LoadedUNet(unet, config, family, prediction)
 
 
+def _token_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    shape = next((v for k, v in shapes.items() if k.endswith("token_embedding.weight")), None)
+    return shape[1] if shape is not None else None
+
+
 def load_text_encoder_file(
     path: str | os.PathLike, *, dtype: torch.dtype, device: str | torch.device = "cpu",
     num_heads: int | None = None,
@@ -96,11 +102,15 @@ def load_text_encoder_file(
                 and not k.endswith(("logit_scale", "position_ids"))]
         local = {k[len(prefix):]: shapes[k] for k in keys}
         open_clip = "positional_embedding" in local
-        family = "sd2" if open_clip else "sd1"
+        family = "sd2" if open_clip or _token_width(local) == SD2_OPENCLIP_H.hidden_size else "sd1"
         try:
             config = text_encoder_config_from_state_dict(local, base=TEXT_BASES[family], num_heads=num_heads)
         except ValueError as error:
             raise CheckpointError(f"{source.description}: text encoder: {error}") from None
+        if family == "sd2" and not open_clip and config.num_layers < SD2_OPENCLIP_H.num_layers:
+            # A diffusers-style OpenCLIP-H (transformers names) ends before the last block; CLIP-skip layers
+            # still count from the full tower (model-formats 4).
+            config = dataclasses.replace(config, missing_last_layers=SD2_OPENCLIP_H.num_layers - config.num_layers)
         if open_clip:
             names = {key: key for key in keys}
         else:

@@ -5,6 +5,9 @@
   sd1_handles      (MODEL, CLIP, VAE) from CheckpointLoaderSimple on tiny-sd1.safetensors
   sd2_handles      the same for tiny-sd2-v.safetensors
   fresh_settings   RunSettings over an empty tree of this test's own (for tests that add or damage files)
+  make_context     make_context(settings, node_id="1", class_type="Test") -> ExecutionContext, to call a
+                   node function directly
+  tiny_names       .sd1 and .sd2_v: the checkpoint file names above
 Treat the session tree and handles as read-only.
 """
 from types import SimpleNamespace
@@ -42,12 +45,9 @@ def fresh_settings(tmp_path) -> RunSettings:
 
 
 def node_context(settings: RunSettings, node_id: str = "1", class_type: str = "Test") -> ExecutionContext:
-    """An ExecutionContext for calling a node function directly; progress reports are recorded."""
-    reports = []
-    context = ExecutionContext(node_id, "prompt", class_type, settings,
-                               lambda value, maximum, preview: reports.append((value, maximum, preview)),
-                               lambda: False)
-    return context
+    """An ExecutionContext for calling a node function directly; progress reports go nowhere."""
+    return ExecutionContext(node_id, "prompt", class_type, settings, lambda value, maximum, preview: None,
+                            lambda: False)
 
 
 @pytest.fixture(scope="session")
