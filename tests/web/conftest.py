@@ -46,6 +46,11 @@ def chromium_path() -> str:
         if os.environ.get("CI"):
             pytest.fail("no Chromium for the editor's end-to-end tests: apt-get install -y chromium")
         pytest.skip("no Chromium binary (apt-get install chromium, or set SDGRAPH_CHROMIUM)")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.fail("Chromium is here but Playwright is not: pip install playwright==1.65.2 "
+                    "(never `playwright install`, which downloads a browser)")
     return path
 
 
@@ -110,7 +115,8 @@ def open_editor(browser, url: str, request: pytest.FixtureRequest) -> Iterator:
     context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
     page = context.new_page()
     errors: list[str] = []
-    page.on("console", lambda message: message.type == "error" and errors.append(f"{message.text} @ {message.location.get('url')}"))
+    page.on("console", lambda message: message.type == "error"
+            and errors.append(f"{message.text} @ {message.location.get('url')}"))
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.expected_errors = []
     page.goto(url)

@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+try:
+    from playwright.sync_api import expect
+except ImportError:  # conftest's chromium_path fixture skips or fails, naming what to install
+    expect = None
+
 ARTIFACTS = Path(__file__).with_name("artifacts")
 
 DROP_FILE = """async ({b64, name, type}) => {
@@ -74,3 +79,12 @@ def ui_workflow(nodes: list[dict], links: list[list]) -> dict:
         entry.setdefault("outputs", [])
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": max([link[0] for link in links], default=0),
             "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def into_output(source_id: int, source_type: str, widgets_values: list, output_id: int, **output_keys: Any) -> dict:
+    """A workflow of one INT-producing toy node feeding the toy Output node."""
+    return ui_workflow(
+        [{"id": source_id, "type": source_type, "widgets_values": widgets_values,
+          "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": output_id, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}], **output_keys}],
+        [[1, source_id, 0, output_id, 0, "INT"]])

@@ -30,6 +30,10 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
 def test_the_committed_bundle_was_built_from_the_current_sources() -> None:
     recorded = json.loads((DIST / "source-hash.json").read_text())
     assert recorded == {"sha256": source_hash(), "files": len(bundle_sources())}, \
@@ -49,7 +53,7 @@ def test_the_page_loads_its_assets_by_relative_paths_that_exist() -> None:
 def test_rebuilding_from_source_gives_the_committed_bundle_byte_for_byte(tmp_path: Path) -> None:
     subprocess.run(["npx", "vite", "build", "--outDir", str(tmp_path / "dist"), "--emptyOutDir", "--logLevel", "error"],
                    cwd=WEB, check=True, timeout=120)
-    built = {p.relative_to(tmp_path / "dist").as_posix(): p.read_bytes() for p in (tmp_path / "dist").rglob("*") if p.is_file()}
-    committed = {p.relative_to(DIST).as_posix(): p.read_bytes() for p in DIST.rglob("*") if p.is_file()}
+    built = files_under(tmp_path / "dist")
+    committed = files_under(DIST)
     assert built.keys() == committed.keys()
     assert [name for name in built if built[name] != committed[name]] == []

@@ -2,9 +2,8 @@
 checkpoint, queued as it stands (made small) and run to an image."""
 from __future__ import annotations
 
-from playwright.sync_api import expect
 
-from editor_page import api_prompt, node, screenshot
+from editor_page import api_prompt, expect, node, screenshot
 
 
 def test_the_default_txt2img_opens_and_runs_to_an_image(sd_editor) -> None:
@@ -13,7 +12,8 @@ def test_the_default_txt2img_opens_and_runs_to_an_image(sd_editor) -> None:
     expect(page.locator(".react-flow__edge")).to_have_count(9)
     prompt = api_prompt(page)
     assert sorted(n["class_type"] for n in prompt.values()) == [
-        "CLIPTextEncode", "CLIPTextEncode", "CheckpointLoaderSimple", "EmptyLatentImage", "KSampler", "SaveImage", "VAEDecode"]
+        "CLIPTextEncode", "CLIPTextEncode", "CheckpointLoaderSimple", "EmptyLatentImage", "KSampler", "SaveImage",
+        "VAEDecode"]
     assert prompt["4"]["inputs"] == {"ckpt_name": "sdgraph-demo-tiny-sd1.safetensors"}
     sampler = {k: v for k, v in prompt["3"]["inputs"].items() if k != "seed"}
     assert sampler == {"steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,

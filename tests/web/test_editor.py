@@ -7,9 +7,9 @@ import re
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from playwright.sync_api import expect
 
-from editor_page import add_node, api_prompt, connect, drop_file, drop_json, graph_nodes, handle, node, screenshot, ui_workflow
+from editor_page import (add_node, api_prompt, connect, drop_file, drop_json, expect, graph_nodes, handle, into_output,
+                         node, screenshot, ui_workflow)
 
 
 def test_first_open_without_the_sd_nodes_shows_a_note_naming_them(editor) -> None:
@@ -88,16 +88,13 @@ def test_undo_and_redo_an_added_node_and_a_widget_edit(editor) -> None:
 
 
 def test_a_dropped_ui_workflow_json_replaces_the_graph(editor) -> None:
-    workflow = ui_workflow(
-        [{"id": 3, "type": "Constant", "widgets_values": [12], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
-         {"id": 8, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}], "title": "Shown"}],
-        [[1, 3, 0, 8, 0, "INT"]])
-    drop_json(editor, workflow, "two.json")
+    drop_json(editor, into_output(3, "Constant", [12], 8, title="Shown"), "two.json")
     expect(editor.locator(".react-flow__node")).to_have_count(2)
     expect(editor.locator(".react-flow__edge")).to_have_count(1)
     expect(editor.get_by_test_id("title-8")).to_have_text("Shown")
-    assert api_prompt(editor) == {"3": {"class_type": "Constant", "inputs": {"value": 12}, "_meta": {"title": "Integer constant"}},
-                                "8": {"class_type": "Output", "inputs": {"value": ["3", 0]}, "_meta": {"title": "Shown"}}}
+    assert api_prompt(editor) == {
+        "3": {"class_type": "Constant", "inputs": {"value": 12}, "_meta": {"title": "Integer constant"}},
+        "8": {"class_type": "Output", "inputs": {"value": ["3", 0]}, "_meta": {"title": "Shown"}}}
 
 
 def test_a_dropped_png_opens_its_embedded_workflow(editor) -> None:
@@ -123,10 +120,7 @@ def test_a_dropped_api_prompt_opens_laid_out_in_columns(editor) -> None:
 
 def test_a_validation_error_is_shown_on_the_node_and_input_it_names(editor) -> None:
     editor.expected_errors.append(r"status of 400 .*/prompt$")  # the browser logs the server's refusal
-    drop_json(editor, ui_workflow(
-        [{"id": 4, "type": "Constant", "widgets_values": [5000], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
-         {"id": 9, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
-        [[1, 4, 0, 9, 0, "INT"]]))
+    drop_json(editor, into_output(4, "Constant", [5000], 9))
     editor.keyboard.press("Control+Enter")
     expect(editor.get_by_test_id("status")).to_have_text("invalid")
     expect(editor.locator(node("4") + " .sd-node")).to_have_class(re.compile(r"\berror\b"))
@@ -137,10 +131,7 @@ def test_a_validation_error_is_shown_on_the_node_and_input_it_names(editor) -> N
 
 
 def test_an_execution_error_marks_the_node_and_opens_a_dialog(editor) -> None:
-    drop_json(editor, ui_workflow(
-        [{"id": 2, "type": "Fail", "widgets_values": [1, "it broke"], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
-         {"id": 3, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
-        [[1, 2, 0, 3, 0, "INT"]]))
+    drop_json(editor, into_output(2, "Fail", [1, "it broke"], 3))
     editor.get_by_test_id("queue").click()
     expect(editor.get_by_test_id("error-dialog")).to_contain_text("it broke", timeout=20_000)
     expect(editor.get_by_test_id("status")).to_have_text("failed")
@@ -185,10 +176,7 @@ def test_mute_bypass_copy_paste_and_groups_from_the_keyboard(editor) -> None:
 
 
 def test_the_queue_panel_lists_past_prompts_and_opens_one_in_a_new_tab(editor) -> None:
-    drop_json(editor, ui_workflow(
-        [{"id": 1, "type": "Constant", "widgets_values": [77], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
-         {"id": 2, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
-        [[1, 1, 0, 2, 0, "INT"]]), "past.json")
+    drop_json(editor, into_output(1, "Constant", [77], 2), "past.json")
     editor.get_by_test_id("queue").click()
     expect(editor.get_by_test_id("status")).to_have_text("done", timeout=20_000)
     editor.get_by_test_id("toggle-queue").click()
@@ -217,7 +205,8 @@ def test_an_uploaded_image_is_chosen_and_runs_to_the_result(editor) -> None:
 
 def test_a_second_run_of_an_unchanged_graph_marks_its_nodes_cached(editor) -> None:
     drop_json(editor, ui_workflow(
-        [{"id": 1, "type": "Constant", "widgets_values": [3], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+        [{"id": 1, "type": "Constant", "widgets_values": [3],
+          "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
          {"id": 2, "type": "ToText", "widgets_values": [False], "inputs": [{"name": "value", "type": "INT", "link": 1}],
           "outputs": [{"name": "text", "type": "STRING", "links": [2]}]},
          {"id": 3, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 2}]}],
@@ -233,9 +222,11 @@ def test_a_batch_can_be_cancelled_while_pending_and_interrupted_while_running(ed
     drop_json(editor, ui_workflow(
         [{"id": 1, "type": "SolidImage", "widgets_values": ["red", 16, 0, "increment"],
           "outputs": [{"name": "image", "type": "IMAGE", "links": [1]}]},
-         {"id": 2, "type": "SlowBrighten", "widgets_values": [100], "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+         {"id": 2, "type": "SlowBrighten", "widgets_values": [100],
+          "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
           "outputs": [{"name": "image", "type": "IMAGE", "links": [2]}]},
-         {"id": 3, "type": "ShowImage", "widgets_values": ["batch"], "inputs": [{"name": "image", "type": "IMAGE", "link": 2}]}],
+         {"id": 3, "type": "ShowImage", "widgets_values": ["batch"],
+          "inputs": [{"name": "image", "type": "IMAGE", "link": 2}]}],
         [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]]))
     editor.get_by_test_id("batch").fill("3")
     editor.get_by_test_id("queue").click()
@@ -261,10 +252,7 @@ def test_a_batch_can_be_cancelled_while_pending_and_interrupted_while_running(ed
 
 
 def test_a_link_dragged_off_its_input_onto_nothing_is_removed_and_undo_restores_it(editor) -> None:
-    drop_json(editor, ui_workflow(
-        [{"id": 1, "type": "Constant", "widgets_values": [3], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
-         {"id": 2, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]}],
-        [[1, 1, 0, 2, 0, "INT"]]))
+    drop_json(editor, into_output(1, "Constant", [3], 2))
     expect(editor.locator(".react-flow__edge")).to_have_count(1)
     end = editor.locator(handle("2", "in:value")).bounding_box()
     editor.mouse.move(end["x"] + end["width"] / 2, end["y"] + end["height"] / 2)
