@@ -37,6 +37,7 @@ _FACTOR_SUFFIXES = {
     ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
     ".up.weight": "up", ".down.weight": "down",  # old attention processors: `to_q_lora.up.weight`
     ".alpha": "alpha", ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector": "dora_scale", ".lora_magnitude_vector.weight": "dora_scale",  # peft's DoRA
     ".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a", ".hada_w2_b": "hada_w2_b",
     ".hada_t1": "hada_t1", ".hada_t2": "hada_t2",
     ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
@@ -131,7 +132,9 @@ class LokrDelta:
 @dataclass(frozen=True)
 class DoraDelta:
     """DoRA: W' = m ⊙ (W + Δ) / ‖W + Δ‖, the norm per output row (or per input column, by m's shape); the
-    delta is W' − W, so a strength blends between the base and the fully adapted weight as ComfyUI does."""
+    delta is W' − W, so a strength blends between the base and the fully adapted weight as ComfyUI does.
+    The norm is that of W + Δ (the paper, LyCORIS and peft); ComfyUI's per-row case divides by the base W's
+    row norms instead, so DoRA images differ from ComfyUI's slightly."""
 
     inner: LoraDelta | LohaDelta | LokrDelta
     magnitude: Tensor
@@ -271,6 +274,7 @@ class LoraPatches:
     unmatched: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()  # module names whose factors form no known delta
     mismatched: tuple[str, ...] = ()  # module names whose delta has another shape than the weight
+    ignored: tuple[str, ...] = ()  # file keys of no LoRA format we know (bundled embeddings, ...)
 
     @property
     def matched(self) -> int:
@@ -278,7 +282,8 @@ class LoraPatches:
 
     def summary(self) -> str:
         problems = [f"{len(names)} {what}" for names, what in ((self.incomplete, "incomplete"),
-                                                              (self.mismatched, "of another shape (skipped)"))
+                                                              (self.mismatched, "of another shape (skipped)"),
+                                                              (self.ignored, "keys of no known LoRA format"))
                     if names]
         return (f"{Path(self.source).name}: {len(self.unet)} UNet and {len(self.text)} text encoder weights "
                 f"patched, {len(self.unmatched)} modules matched nothing" + "".join(f", {p}" for p in problems))
@@ -328,7 +333,7 @@ def lora_patches(
     weight_shapes (our key -> shape, UNet keys and `text:`-prefixed text keys): a delta of another shape is
     skipped with a warning, as ComfyUI does, instead of failing later in the middle of sampling.
     """
-    groups, _others = group_by_module(tensors)
+    groups, others = group_by_module(tensors)
     if text_names is None:
         groups = {name: factors for name, factors in groups.items() if not name.startswith(_TEXT_FILE_PREFIXES)}
         text_names = {}
@@ -353,10 +358,10 @@ def lora_patches(
             continue
         (text if is_text else unet)[target] = delta
     result = LoraPatches(source, unet, text, tuple(sorted(unmatched)), tuple(sorted(incomplete)),
-                         tuple(sorted(mismatched)))
+                         tuple(sorted(mismatched)), tuple(sorted(others)))
     if result.matched == 0:
         log.warning("LoRA %s matched no weight of this model (%d modules in the file)", source, len(groups))
-    elif unmatched or incomplete or mismatched:
+    elif unmatched or incomplete or mismatched or others:
         log.warning("LoRA %s", result.summary())
     return result
 

@@ -186,14 +186,19 @@ def test_lokr_delta_is_the_kronecker_product_scaled_by_alpha_over_rank(sd1, name
     torch.testing.assert_close(_match(tensors, names).unet[key](weight), expected * 2 / rank)
 
 
-def test_dora_rows_take_the_magnitude_at_full_strength(sd1, names):
+@pytest.mark.parametrize("name, down, up, scale", [
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", "lora_down.weight", "lora_up.weight",
+     "dora_scale"),
+    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "lora_A.weight", "lora_B.weight",
+     "lora_magnitude_vector"),
+])
+def test_dora_rows_take_the_magnitude_at_full_strength(name, down, up, scale, sd1, names):
     key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     generator = torch.Generator().manual_seed(5)
     magnitude = torch.rand(32, 1, generator=generator) + 0.5
-    tensors = {f"{name}.lora_down.weight": torch.randn(2, 32, generator=generator) * 0.1,
-               f"{name}.lora_up.weight": torch.randn(32, 2, generator=generator) * 0.1,
-               f"{name}.dora_scale": magnitude}
+    tensors = {f"{name}.{down}": torch.randn(2, 32, generator=generator) * 0.1,
+               f"{name}.{up}": torch.randn(32, 2, generator=generator) * 0.1,
+               f"{name}.{scale}": magnitude if scale == "dora_scale" else magnitude[:, 0]}
     weight = sd1.unet.state_dict()[key]
     adapted = weight + _match(tensors, names).unet[key](weight)
     torch.testing.assert_close(adapted.norm(dim=1, keepdim=True), magnitude)
@@ -226,6 +231,15 @@ def test_a_lora_for_another_model_matches_nothing_and_warns_with_the_count(names
         result = lora_patches(tensors, unet_names=names[0], text_names=names[1], source="other.safetensors")
     assert result.matched == 0 and result.unmatched == ("lora_unet_not_a_module",)
     assert "other.safetensors matched no weight of this model (1 modules in the file)" in caplog.text
+
+
+def test_keys_of_no_known_format_are_counted_in_the_message(names, caplog):
+    tensors, _ = tiny_lora_tensors("sd1", "kohya", text=False)
+    tensors["bundle_emb.style.string_to_param.*"] = torch.zeros(2, 32)
+    with caplog.at_level(logging.WARNING, logger="diffusion.lora"):
+        result = lora_patches(tensors, unet_names=names[0], text_names=names[1], source="bundle.safetensors")
+    assert result.ignored == ("bundle_emb.style.string_to_param.*",)
+    assert "192 UNet and 0 text encoder weights patched, 0 modules matched nothing, 1 keys of no known" in caplog.text
 
 
 def test_without_a_text_encoder_its_modules_are_not_counted(names):
