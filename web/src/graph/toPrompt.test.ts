@@ -74,6 +74,10 @@ describe("resolveDynamicPrompt", () => {
     expect(resolveDynamicPrompt("a {cat|{red|blue} dog}", () => 0.99)).toBe("a blue dog");
   });
 
+  it("removes comments first", () => {
+    expect(resolveDynamicPrompt("a cat // not this\nsitting /* nor {this|that} */ still", () => 0)).toBe("a cat \nsitting  still");
+  });
+
   it("leaves text without groups unchanged", () => {
     expect(resolveDynamicPrompt("plain (weighted:1.2) text")).toBe("plain (weighted:1.2) text");
   });

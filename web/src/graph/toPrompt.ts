@@ -27,9 +27,10 @@ export interface BuiltPrompt {
  * deletes links into nodes it did not send). */
 type Resolved = { link: [string, number] } | { constant: unknown } | "keep" | "drop";
 
-/** Choose one `{a|b|c}` alternative per group, innermost first (ComfyUI's dynamic prompts). */
+// ComfyUI's dynamic prompts: comments (from // to the line's end, and slash-star blocks) removed, then
+// one {a|b|c} alternative chosen per group, innermost first.
 export function resolveDynamicPrompt(text: string, random: () => number = Math.random): string {
-  let current = text;
+  let current = text.replace(/\/\*[\s\S]*?\*\/|\/\/.*/g, "");
   for (let guard = 0; guard < 1000; guard += 1) {
     const next = current.replace(/\{([^{}]*)\}/, (_, body: string) => {
       const options = body.split("|");

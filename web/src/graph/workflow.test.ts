@@ -35,6 +35,11 @@ describe("readWidgetValues", () => {
       .toEqual({ width: 320, height: 640, batch_size: 1 });
   });
 
+  it("reads a file from before the seed had a control entry", () => {
+    expect(readWidgetValues(parseClass(info.KSampler), [1, 20, 8, "euler", "normal", 1]).values)
+      .toEqual({ seed: 1, steps: 20, cfg: 8, sampler_name: "euler", scheduler: "normal", denoise: 1 });
+  });
+
   it("reads an old boolean control slot as randomize", () => {
     expect(readWidgetValues(parseClass(info.KSampler), [1, true, 20, 8, "euler", "normal", 1]).controls.seed).toBe("randomize");
   });

@@ -34,6 +34,10 @@ function controlOf(value: unknown): string {
   return typeof value === "string" && (CONTROL_MODES as readonly string[]).includes(value) ? value : "fixed";
 }
 
+function isControlValue(value: unknown): boolean {
+  return typeof value === "boolean" || (CONTROL_MODES as readonly unknown[]).includes(value);
+}
+
 /** Widget values and control modes from `widgets_values` (array in schema order, or keyed by name). */
 export function readWidgetValues(schema: ClassSchema, saved: unknown): Pick<GraphNode, "values" | "controls"> {
   const values: Record<string, unknown> = {};
@@ -51,12 +55,13 @@ export function readWidgetValues(schema: ClassSchema, saved: unknown): Pick<Grap
   for (const widget of schema.widgets) {
     values[widget.name] = index < list.length ? list[index] : widget.defaultValue;
     index += 1;
+    // The extra entries are skipped only when they look like one, so files from before a widget had its
+    // control (or upload) entry still line up.
     if (widget.control) {
-      controls[widget.name] = index < list.length ? controlOf(list[index]) : "randomize";
-      index += 1;
-      if (widget.kind === "COMBO") index += 1; // the combo filter string
+      controls[widget.name] = index < list.length && isControlValue(list[index]) ? controlOf(list[index++]) : "randomize";
+      if (widget.kind === "COMBO" && typeof list[index] === "string" && isControlValue(list[index - 1])) index += 1; // filter
     }
-    if (widget.upload) index += 1; // the upload button's "image"
+    if (widget.upload && list[index] === "image") index += 1;
   }
   return { values, controls };
 }
