@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -262,3 +263,39 @@ def test_a_link_dragged_off_its_input_onto_nothing_is_removed_and_undo_restores_
     expect(editor.locator(".react-flow__edge")).to_have_count(0)
     editor.keyboard.press("Control+z")
     expect(editor.locator(".react-flow__edge")).to_have_count(1)
+
+
+def test_the_palette_opens_from_the_keyboard_and_browses_by_category(editor) -> None:
+    editor.locator(".react-flow__pane").click(position={"x": 600, "y": 600})
+    editor.keyboard.press("/")
+    expect(editor.get_by_test_id("palette")).to_be_focused()
+    editor.get_by_role("button", name="test/image").click()
+    editor.get_by_test_id("palette-item-SlowBrighten").click()
+    expect(editor.locator(".react-flow__node-sd")).to_have_count(2)
+    assert [n["classType"] for n in graph_nodes(editor)] == ["Note", "SlowBrighten"]
+
+
+def test_save_and_export_download_the_ui_and_api_json_and_tabs_keep_their_own_graphs(editor) -> None:
+    drop_json(editor, into_output(1, "Constant", [5], 2), "first.json")
+    with editor.expect_download() as saved:
+        editor.get_by_role("button", name="Save", exact=True).click()
+    workflow = json.loads(Path(saved.value.path()).read_text())
+    assert saved.value.suggested_filename == "first.json"
+    assert workflow == editor.evaluate("window.sdgraph.workflow()")
+    assert [n["widgets_values"] for n in workflow["nodes"]] == [[5], []] and workflow["version"] == 0.4
+    with editor.expect_download() as exported:
+        editor.get_by_role("button", name="Export API").click()
+    assert json.loads(Path(exported.value.path()).read_text()) == {
+        "1": {"class_type": "Constant", "inputs": {"value": 5}, "_meta": {"title": "Integer constant"}},
+        "2": {"class_type": "Output", "inputs": {"value": ["1", 0]}, "_meta": {"title": "Output"}}}
+
+    editor.get_by_test_id("new-tab").click()
+    expect(editor.get_by_test_id("tab")).to_have_count(2)
+    assert [n["classType"] for n in graph_nodes(editor)] == ["Note"]
+    editor.get_by_test_id("tab").first.click()
+    expect(editor.get_by_test_id("w-1-value")).to_have_value("5")
+    editor.wait_for_function("() => JSON.parse(localStorage.getItem('sdgraph.workflows') || '{}').tabs?.length === 2")
+    editor.reload()
+    expect(editor.get_by_test_id("tab")).to_have_count(2)
+    expect(editor.get_by_test_id("tab").first).to_contain_text("first")
+    expect(editor.get_by_test_id("w-1-value")).to_have_value("5")
