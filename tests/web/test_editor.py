@@ -299,3 +299,25 @@ def test_save_and_export_download_the_ui_and_api_json_and_tabs_keep_their_own_gr
     expect(editor.get_by_test_id("tab")).to_have_count(2)
     expect(editor.get_by_test_id("tab").first).to_contain_text("first")
     expect(editor.get_by_test_id("w-1-value")).to_have_value("5")
+
+
+def test_a_number_changes_by_dragging_its_name_and_by_its_arrows_within_its_range(editor) -> None:
+    constant = add_node(editor, "integer constant", (400, 300))
+    label = editor.locator(f'{node(constant)} .drag-label')
+    box = label.bounding_box()
+    editor.mouse.move(box["x"] + 5, box["y"] + box["height"] / 2)
+    editor.mouse.down()
+    editor.mouse.move(box["x"] + 5 + 60, box["y"] + box["height"] / 2, steps=6)  # 6 px a step
+    editor.mouse.up()
+    expect(editor.get_by_test_id(f"w-{constant}-value")).to_have_value("10")
+    editor.get_by_role("button", name="increase value").click()
+    expect(editor.get_by_test_id(f"w-{constant}-value")).to_have_value("11")
+    field = editor.get_by_test_id(f"w-{constant}-value")
+    field.fill("5000")
+    field.press("Enter")
+    expect(field).to_have_value("1000")  # the schema's max
+    editor.locator(".react-flow__pane").click(position={"x": 50, "y": 700})
+    editor.keyboard.press("Control+z")
+    expect(field).to_have_value("10")  # the arrow and the typing right after it were one edit
+    editor.keyboard.press("Control+z")
+    expect(field).to_have_value("0")  # the drag was another

@@ -124,10 +124,12 @@ export function updateNode(graph: Graph, id: string, change: (node: GraphNode) =
 }
 
 export function setWidgetValue(graph: Graph, id: string, name: string, value: unknown): Graph {
+  if (Object.is(graph.nodes.find((n) => n.id === id)?.values[name], value)) return graph;
   return updateNode(graph, id, (n) => ({ ...n, values: { ...n.values, [name]: value } }));
 }
 
 export function setControl(graph: Graph, id: string, name: string, mode: string): Graph {
+  if (graph.nodes.find((n) => n.id === id)?.controls[name] === mode) return graph;
   return updateNode(graph, id, (n) => ({ ...n, controls: { ...n.controls, [name]: mode } }));
 }
 
@@ -139,6 +141,8 @@ export function toggleMode(graph: Graph, ids: Set<string>, mode: NodeMode): Grap
 }
 
 export function moveNodes(graph: Graph, positions: Map<string, [number, number]>): Graph {
+  const moved = graph.nodes.some((n) => positions.has(n.id) && (positions.get(n.id)![0] !== n.pos[0] || positions.get(n.id)![1] !== n.pos[1]));
+  if (!moved) return graph;
   return { ...graph, nodes: graph.nodes.map((n) => (positions.has(n.id) ? { ...n, pos: positions.get(n.id)! } : n)) };
 }
 

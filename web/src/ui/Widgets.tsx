@@ -4,6 +4,7 @@ import { useEffect, useRef, useState, type PointerEvent as ReactPointerEvent } f
 import { uploadImage } from "../api/client";
 import { CONTROL_MODES, type WidgetSpec } from "../api/objectInfo";
 import type { EditKind } from "../store/editor";
+import { settleNumber } from "./numbers";
 
 export interface WidgetProps {
   testId: string;
@@ -11,23 +12,6 @@ export interface WidgetProps {
   value: unknown;
   onChange(value: unknown, kind: EditKind): void;
   onCommit(): void;
-}
-
-function decimals(step: number): number {
-  const text = String(step);
-  return text.includes(".") ? text.split(".")[1].length : 0;
-}
-
-/** The number a typed or dragged value settles to: clamped, on the step grid for INT, rounded for FLOAT. */
-export function settleNumber(widget: WidgetSpec, value: number): number {
-  const min = typeof widget.options.min === "number" ? widget.options.min : -Infinity;
-  const max = typeof widget.options.max === "number" ? widget.options.max : Infinity;
-  let settled = Math.min(max, Math.max(min, value));
-  if (widget.kind === "INT") return Math.round(settled);
-  const round = widget.options.round;
-  const precision = round === false ? null : typeof round === "number" && round > 0 ? round : Number(widget.options.step ?? 0.01);
-  if (precision) settled = Number((Math.round(settled / precision) * precision).toFixed(decimals(precision)));
-  return settled;
 }
 
 function NumberWidget({ testId, widget, value, onChange, onCommit }: WidgetProps) {
@@ -59,7 +43,7 @@ function NumberWidget({ testId, widget, value, onChange, onCommit }: WidgetProps
   return (
     <span className="number-widget">
       <button type="button" className="nudge" tabIndex={-1} onClick={() => nudge(-1)} aria-label={`decrease ${widget.name}`}>‹</button>
-      <span className="drag-label" title="drag to change" onPointerDown={onPointerDown} onPointerMove={onPointerMove}
+      <span className="drag-label nodrag" title="drag to change" onPointerDown={onPointerDown} onPointerMove={onPointerMove}
         onPointerUp={onPointerUp}>{widget.name}</span>
       {slider && <input type="range" className="nodrag" min={Number(widget.options.min)} max={Number(widget.options.max)} step={step}
         value={Number(value) || 0} onChange={(e) => onChange(settleNumber(widget, Number(e.target.value)), "coalesce")} />}
