@@ -172,6 +172,16 @@ def test_mute_bypass_copy_paste_and_groups_from_the_keyboard(editor) -> None:
     editor.keyboard.press("Control+a")
     editor.keyboard.press("Control+g")
     expect(editor.get_by_test_id("group-0")).to_be_visible()
+    before = {n["id"]: n["pos"] for n in graph_nodes(editor)}
+    title = editor.locator(".sd-group-title").bounding_box()
+    editor.mouse.move(title["x"] + 20, title["y"] + 10)
+    editor.mouse.down()
+    editor.mouse.move(title["x"] + 120, title["y"] + 60, steps=5)
+    editor.mouse.up()
+    after = {n["id"]: n["pos"] for n in graph_nodes(editor)}
+    shifts = {(after[i][0] - before[i][0], after[i][1] - before[i][1]) for i in before}
+    assert len(shifts) == 1 and shifts != {(0, 0)}  # every node in the group moved with it, by the same amount
+    editor.keyboard.press("Control+a")
     editor.keyboard.press("Delete")
     expect(editor.locator(".react-flow__node-sd")).to_have_count(0)
 
