@@ -232,3 +232,17 @@ def test_the_demo_checkpoint_stays_cached_when_its_temp_file_is_rewritten(fresh_
     assert executor.execute(prompt, targets=["2"]).executed == ("1", "2")
     (fresh_settings.temp_dir / "sdgraph-demo" / DEMO_CHECKPOINT).unlink()
     assert executor.execute(prompt, targets=["2"]).executed == ()
+
+
+def test_unet_loader_refuses_a_vae_file_naming_the_input(fresh_settings, make_context):
+    write_tiny_vae(_folder(fresh_settings, "diffusion_models") / "vae.safetensors")
+    with pytest.raises(ValueError, match=r"unet_name: .*vae\.safetensors: not a UNet file"):
+        UNETLoader("vae.safetensors", "default", context=make_context(fresh_settings))
+
+
+def test_unet_loader_sends_diffusers_named_unets_to_their_folder(fresh_settings, make_context):
+    folder = write_tiny_diffusers_folder(fresh_settings.temp_dir / "pipeline", "sd1")
+    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors",
+                _folder(fresh_settings, "diffusion_models") / "unet.safetensors")
+    with pytest.raises(ValueError, match="a diffusers-named UNet; load its whole diffusers folder as a checkpoint"):
+        UNETLoader("unet.safetensors", "default", context=make_context(fresh_settings))
