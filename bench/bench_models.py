@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time torch.compile(mode=MODE) of our UNet (minutes per shape on CUDA)")
     parser.add_argument("--stream", action="store_true", help="also time the low-VRAM weight streaming")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--max-error", type=float, default=None,
+                        help="exit 1 if any variant's max relative error against the reference exceeds this")
     return parser.parse_args(argv)
 
 
@@ -133,6 +135,13 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"written {out}")
+    if args.max_error is not None:
+        worst = [(row["work"], name, error) for row in report["results"]
+                 for name, error in row["max_relative_error"].items() if not error <= args.max_error]
+        for work, name, error in worst:
+            print(f"ERROR {work}: {name} is {error:.2e} from the reference (allowed {args.max_error:g})")
+        if worst:
+            raise SystemExit(1)
     return report
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.timing import median_seconds, once_seconds, peak_memory, relative_error
+from bench.timing import count_cuda_syncs, median_seconds, once_seconds, peak_memory, relative_error
 from diffusion.acceleration import AccelerationOptions, CudaGraphBackend, StepGraphs
 from diffusion.key_maps import (unet_config_to_diffusers, unet_state_dict_from_diffusers, vae_config_to_diffusers,
                                 vae_state_dict_from_diffusers)
@@ -126,6 +126,7 @@ def bench_unet(family: UNetFamily, batches: list[int], device: torch.device, dty
         for row, (batch, inputs) in zip(rows, cases):
             _measure(row, "ours", lambda inputs=inputs: _our_call(ours, inputs), expected[batch], device, runs,
                      others=(reference,))
+            row.notes["ours_host_syncs_per_step"] = count_cuda_syncs(lambda: _our_call(ours, inputs), device)
         if compile_mode:
             ours.accelerate(AccelerationOptions(compile_mode=compile_mode))
             for row, (batch, inputs) in zip(rows, cases):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench.model_cases import Row
-from bench.timing import median_seconds, once_seconds, peak_memory, synchronize
+from bench.timing import count_cuda_syncs, median_seconds, once_seconds, peak_memory, synchronize
 from diffusion.checkpoints import load_checkpoint
 from diffusion.text_encoders import SD1_CLIP_L, ClipTextEncoder
 from diffusion.tiny_models import tiny_overrides, write_tiny_checkpoint
@@ -157,6 +157,8 @@ def bench_sampler_loop(device: torch.device, steps: int, runs: int) -> Row:
         row.ms["ours"] = median_seconds(ours, device, runs) * 1e3
         row.ms["reference"] = median_seconds(reference, device, runs) * 1e3
     row.notes["ours_ms_per_step"] = row.ms["ours"] / steps
+    with torch.inference_mode():
+        row.notes["ours_host_syncs_per_run"] = count_cuda_syncs(ours, device)
     row.notes["speedup_vs_reference"] = {"ours": row.ms["reference"] / row.ms["ours"]}
     return row
 

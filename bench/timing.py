@@ -69,3 +69,19 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference|, in float32."""
     ours, reference = ours.float(), reference.float()
     return float((ours - reference).abs().max() / reference.abs().max())
+
+
+def count_cuda_syncs(call: Callable[[], object], device: torch.device) -> int | None:
+    """How many times `call` made the host wait for the GPU (torch's sync debug mode); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)

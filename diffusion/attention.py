@@ -40,9 +40,10 @@ def share_one_weight(linears: list[torch.nn.Linear]) -> None:
     no second copy of the weights exists. Moving or re-assigning the module gives each weight its own storage
     again, and :func:`stacked_weight` then answers None until this is called again.
     """
-    if stacked_weight(linears) is not None:
-        return
     weights = [linear.weight for linear in linears]
+    # Weights made under inference mode cannot be re-viewed as parameters; they stay separate matmuls.
+    if any(torch.is_inference(weight) for weight in weights) or stacked_weight(linears) is not None:
+        return
     # A normal (not inference-mode) tensor, so the weights stay patchable in place after inference runs.
     with torch.inference_mode(False), torch.no_grad():
         stacked = torch.cat([weight.detach() for weight in weights])
@@ -59,7 +60,7 @@ def stacked_weight(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
     offloaded model's device memory is never held alive by a stale stacked copy.
     """
     first = linears[0].weight
-    if first.device.type == "meta" or not first.is_contiguous():
+    if first.device.type == "meta" or not first.is_contiguous() or torch.is_inference(first):
         return None
     rows, width = first.shape
     expected = first.data_ptr() + first.numel() * first.element_size()

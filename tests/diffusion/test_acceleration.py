@@ -112,6 +112,15 @@ def test_an_in_place_weight_patch_reaches_the_stacked_matmul(sd1_weights):
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
+def test_weights_made_under_inference_mode_stay_separate_and_correct():
+    linears = [nn.Linear(8, 8, bias=False) for _ in range(3)]
+    with torch.inference_mode():
+        for linear in linears:
+            linear.load_state_dict({"weight": torch.randn(8, 8)}, assign=True)
+        share_one_weight(linears)
+    assert stacked_weight(linears) is None and all(torch.is_inference(linear.weight) for linear in linears)
+
+
 def test_moved_weights_are_no_longer_stacked_and_still_give_the_plain_output():
     linears = [nn.Linear(8, 8, bias=False) for _ in range(3)]
     share_one_weight(linears)
@@ -123,7 +132,8 @@ def test_a_moved_unet_is_stacked_again_on_its_next_step(sd1_weights):
     _, fast = _twins(sd1_weights, AccelerationOptions(cuda_graphs=False, channels_last=False))
     with torch.inference_mode():
         fast(*_inputs())
-        fast.to(torch.float64)
+    fast.to(torch.float64)  # what the model manager does, outside inference mode
+    with torch.inference_mode():
         fast(*(t.double() for t in _inputs()))
     attention = fast.middle_block[1].transformer_blocks[0].attn2
     stacked = stacked_weight([attention.to_k, attention.to_v])
@@ -217,6 +227,16 @@ def test_an_absent_optional_input_is_part_of_the_key():
     assert backend.captured == 2 and with_y.tolist() == [3.0, 3.0] and without_y.tolist() == [2.0, 2.0]
 
 
+def test_inference_mode_and_no_grad_calls_get_graphs_of_their_own():
+    backend = RerunBackend()
+    graphs = StepGraphs(backend)
+    with torch.inference_mode():
+        graphs(_double_plus, (1,), torch.ones(2))
+    with torch.no_grad():
+        result = graphs(_double_plus, (1,), torch.ones(2))
+    assert backend.captured == 2 and result.tolist() == [2.0, 2.0]
+
+
 def test_a_failed_capture_runs_eagerly_warns_once_and_is_not_retried(caplog):
     backend = RerunBackend(fail=True)
     graphs = StepGraphs(backend)
@@ -236,6 +256,21 @@ def test_a_graphed_unet_gives_the_eager_output_step_after_step(sd1_weights):
             expected, got = plain(x, t * (step + 1), context), fast(x, t * (step + 1), context)
             assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
     assert backend.captured == 1
+
+
+def test_weights_assigned_anew_are_captured_again(sd1_weights):
+    backend = RerunBackend()
+    plain, fast = _twins(sd1_weights, AccelerationOptions(channels_last=False))
+    fast.acceleration.graph_backend = backend
+    changed = {name: tensor * 0.5 for name, tensor in sd1_weights.items()}
+    with torch.inference_mode():
+        fast(*_inputs())
+    fast.load_state_dict({name: t.clone() for name, t in changed.items()}, assign=True)
+    plain.load_state_dict(changed)
+    with torch.inference_mode():
+        expected, got = plain(*_inputs()), fast(*_inputs())
+    assert backend.captured == 2
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
 def test_graphs_stay_off_on_cpu_and_while_gradients_are_recorded(sd1_weights):
