@@ -1,10 +1,34 @@
 """Loader nodes: COMBO options, the handles a checkpoint becomes, the demo checkpoint, refused names."""
+import os
+import shutil
+
 import pytest
 import torch
 
 from diffusion.checkpoints import load_checkpoint
-from diffusion.tiny_models import tiny_overrides
-from nodes.loaders import DEMO_CHECKPOINT, CheckpointLoaderSimple, checkpoint_names
+from diffusion.tiny_models import (
+    tiny_overrides,
+    write_tiny_checkpoint,
+    write_tiny_diffusers_folder,
+    write_tiny_legacy_checkpoint,
+    write_tiny_text_encoder,
+    write_tiny_unet,
+    write_tiny_vae,
+)
+from engine import Executor, Registry, RunSettings
+from nodes import loaders as loader_nodes
+from nodes import lora as lora_nodes
+from nodes.loaders import (
+    DEMO_CHECKPOINT,
+    CheckpointLoader,
+    CheckpointLoaderSimple,
+    CLIPLoader,
+    CLIPSetLastLayer,
+    DiffusersLoader,
+    UNETLoader,
+    VAELoader,
+    checkpoint_names,
+)
 
 
 def test_checkpoint_options_list_the_folder_then_the_demo_last(node_settings, tiny_names):
@@ -58,26 +82,6 @@ def test_a_name_leaving_the_folder_is_refused(node_settings, make_context):
 
 
 # --- more loaders -------------------------------------------------------------------------------------------
-
-import shutil  # noqa: E402
-
-from diffusion.tiny_models import (  # noqa: E402
-    write_tiny_checkpoint,
-    write_tiny_diffusers_folder,
-    write_tiny_legacy_checkpoint,
-    write_tiny_text_encoder,
-    write_tiny_unet,
-    write_tiny_vae,
-)
-from engine import RunSettings  # noqa: E402
-from nodes.loaders import (  # noqa: E402
-    CheckpointLoader,
-    CLIPLoader,
-    CLIPSetLastLayer,
-    DiffusersLoader,
-    UNETLoader,
-    VAELoader,
-)
 
 
 def _folder(settings, kind):
@@ -195,12 +199,6 @@ def test_a_damaged_checkpoint_is_an_error_naming_the_input_and_file(fresh_settin
 
 # --- caching through the engine -----------------------------------------------------------------------------
 
-import os as _os  # noqa: E402
-
-from engine import Executor, Registry  # noqa: E402
-from nodes import loaders as loader_nodes  # noqa: E402
-from nodes import lora as lora_nodes  # noqa: E402
-
 
 def _registry():
     registry = Registry()
@@ -218,7 +216,7 @@ def test_the_engine_caches_a_loader_until_its_file_changes(fresh_settings):
     prompt["2"]["inputs"]["stop_at_clip_layer"] = -2
     second = executor.execute(prompt, targets=["2"])
     stat = checkpoint.stat()
-    _os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
     third = executor.execute(prompt, targets=["2"])
     assert first.executed == ("1", "2")
     assert second.executed == ("2",) and second.cached == ("1",)
