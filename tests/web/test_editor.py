@@ -331,3 +331,23 @@ def test_a_number_changes_by_dragging_its_name_and_by_its_arrows_within_its_rang
     expect(field).to_have_value("10")  # the arrow and the typing right after it were one edit
     editor.keyboard.press("Control+z")
     expect(field).to_have_value("0")  # the drag was another
+
+
+def test_a_link_dragged_from_a_widget_onto_nothing_offers_a_primitive_node_that_takes_its_value(editor) -> None:
+    constant = add_node(editor, "integer constant", (600, 300))
+    editor.get_by_test_id(f"w-{constant}-value").fill("9")
+    editor.get_by_test_id(f"w-{constant}-value").blur()
+    start = editor.locator(handle(constant, "in:value")).bounding_box()
+    editor.mouse.move(start["x"] + start["width"] / 2, start["y"] + start["height"] / 2)
+    editor.mouse.down()
+    editor.mouse.move(start["x"] - 250, start["y"] + 200, steps=8)
+    editor.mouse.up()
+    editor.get_by_test_id("palette").fill("primitive")
+    editor.keyboard.press("Enter")
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)
+    (primitive,) = [n for n in graph_nodes(editor) if n["classType"] == "PrimitiveNode"]
+    expect(editor.get_by_test_id(f"w-{primitive['id']}-value")).to_have_value("9")
+    expect(editor.get_by_test_id(f"w-{constant}-value")).to_have_count(0)  # the widget is now an input
+    editor.get_by_test_id(f"w-{primitive['id']}-value").fill("12")
+    editor.get_by_test_id(f"w-{primitive['id']}-value").blur()
+    assert api_prompt(editor)[constant]["inputs"] == {"value": 12}

@@ -137,8 +137,10 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
     }
     const point = "changedTouches" in event ? event.changedTouches[0] : event;
     const schemasNow = useEditor.getState().schemas;
+    const widgetInput = ["INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"].includes(from.type);
     const only = from.kind === "source" ? classesAccepting(schemasNow, from.type)
-      : schemasNow.classNames().filter((c) => schemasNow.get(c)!.outputs.some((o) => o.type === from.type || from.type === "*"));
+      : [...(widgetInput ? ["PrimitiveNode"] : []),
+        ...schemasNow.classNames().filter((c) => schemasNow.get(c)!.outputs.some((o) => o.type === from.type || from.type === "*"))];
     setPalette({ screen: { x: point.clientX, y: point.clientY }, flow: flow.screenToFlowPosition({ x: point.clientX, y: point.clientY }), only, from });
   }, [flow, edit]);
 
@@ -155,7 +157,7 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
         const input = firstInputAccepting(state.schemas, classType, from.type);
         if (input) next = connect(next, state.schemas, { source: from.nodeId, sourceSlot: Number(from.handle.slice(4)), target: node.id, targetInput: input });
       } else if (from?.kind === "target") {
-        const slot = state.schemas.get(classType)?.outputs.findIndex((o) => o.type === from.type || from.type === "*") ?? -1;
+        const slot = state.schemas.get(classType)?.outputs.findIndex((o) => o.type === from.type || from.type === "*" || o.type === "*") ?? -1;
         if (slot >= 0) next = connect(next, state.schemas, { source: node.id, sourceSlot: slot, target: from.nodeId, targetInput: from.handle.slice(3) });
       }
       select([node.id]);

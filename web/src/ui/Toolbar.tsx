@@ -23,7 +23,6 @@ export function Toolbar({ onOpenFiles, onNewTab, onRefresh, onToggleQueue }: Too
   const remaining = useRun((s) => s.queueRemaining);
   const connected = useRun((s) => s.connected);
   const message = useRun((s) => s.message);
-  const promptId = useRun((s) => s.promptId);
   const [batch, setBatch] = useState(1);
   const [renaming, setRenaming] = useState<string | null>(null);
   const picker = useRef<HTMLInputElement>(null);
@@ -62,7 +61,7 @@ export function Toolbar({ onOpenFiles, onNewTab, onRefresh, onToggleQueue }: Too
         <label title="how many times to queue">×<input data-testid="batch" type="number" min={1} max={100} value={batch}
           onChange={(e) => setBatch(Math.max(1, Math.min(100, Number(e.target.value) || 1)))} /></label>
         <button type="button" className="primary" data-testid="queue" onClick={() => queueActive(batch)} title="queue (Ctrl+Enter)">Queue</button>
-        <button type="button" data-testid="interrupt" onClick={() => interrupt(promptId ?? undefined)} title="stop the running prompt">Stop</button>
+        <button type="button" data-testid="interrupt" onClick={() => interrupt()} title="stop the running prompt">Stop</button>
         <span className={`status ${status}`} data-testid="status">{status}</span>
         <span className={`connection${connected ? " up" : ""}`} title={connected ? "connected" : "reconnecting…"} />
       </div>
