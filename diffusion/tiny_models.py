@@ -362,22 +362,31 @@ _UNET_CONV_TARGETS = (".conv1", ".conv2")
 _TEXT_LORA_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 
 
-def tiny_lora_targets(family: str, *, conv: bool = False) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _is_lora_target(diffusers_path: str, conv: bool) -> bool:
+    if diffusers_path.endswith(_UNET_LORA_TARGETS):
+        return True
+    return conv and ".resnets." in diffusers_path and diffusers_path.endswith(_UNET_CONV_TARGETS)
+
+
+def tiny_lora_targets(family: str, *, conv: bool = False) -> tuple[Shapes, Shapes]:
     """(UNet diffusers module path -> weight shape, text `text_model.` module path -> weight shape)."""
-    unet_shapes = {k: tuple(v.shape) for k, v in UNetModel(tiny_unet_config(family), device="meta").state_dict().items()}
-    wanted = _UNET_LORA_TARGETS + (_UNET_CONV_TARGETS if conv else ())
-    unet = {}
-    for diffusers_key, ours in sorted(unet_diffusers_key_map(tiny_unet_config(family)).items()):
-        path = diffusers_key.removesuffix(".weight")
-        if diffusers_key.endswith(".weight") and path.endswith(wanted) and ("resnets" in path or not path.endswith(_UNET_CONV_TARGETS)):
-            unet[path] = unet_shapes[ours]
+    config = tiny_unet_config(family)
+    unet_shapes = {k: tuple(v.shape) for k, v in UNetModel(config, device="meta").state_dict().items()}
+    unet = {
+        diffusers_key.removesuffix(".weight"): unet_shapes[ours]
+        for diffusers_key, ours in sorted(unet_diffusers_key_map(config).items())
+        if diffusers_key.endswith(".weight") and _is_lora_target(diffusers_key.removesuffix(".weight"), conv)
+    }
     text_shapes = ClipTextEncoder(tiny_text_config(family), device="meta").state_dict()
     text = {
         "text_model." + key.removeprefix("transformer.").removesuffix(".weight"): tuple(value.shape)
-        for key, value in text_shapes.items() if key.removesuffix(".weight").endswith(_TEXT_LORA_TARGETS)
-        and key.endswith(".weight")
+        for key, value in sorted(text_shapes.items())
+        if key.endswith(".weight") and key.removesuffix(".weight").endswith(_TEXT_LORA_TARGETS)
     }
-    return unet, dict(sorted(text.items()))
+    return unet, text
 
 
 def _kohya_name(prefix: str, path: str) -> str:
@@ -444,7 +453,8 @@ def tiny_lora_tensors(
             tensors |= _lokr_tensors(kohya, shape, rank // 2, generator) | {f"{kohya}.alpha": alpha}
     metadata = {"format": "pt"}
     if style == "peft":
-        adapter = {"unet.lora_alpha": rank / 2, "unet.r": rank, "text_encoder.lora_alpha": rank / 2, "text_encoder.r": rank}
+        adapter = {f"{part}.{field}": value for part in ("unet", "text_encoder")
+                   for field, value in (("lora_alpha", rank / 2), ("r", rank))}
         metadata["lora_adapter_metadata"] = json.dumps(adapter, sort_keys=True)
     return tensors, metadata
 

@@ -125,7 +125,8 @@ def test_diffusers_attention_processor_names_reach_the_same_weights_as_kohya(nam
     ("lycoris_down_blocks_0_attentions_0_proj_out", "input_blocks.1.1.proj_out.weight"),
     ("text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2",
      "transformer.encoder.layers.1.mlp.fc2.weight"),
-    ("lora_te1_text_model_encoder_layers_2_self_attn_out_proj", "transformer.encoder.layers.2.self_attn.out_proj.weight"),
+    ("lora_te1_text_model_encoder_layers_2_self_attn_out_proj",
+     "transformer.encoder.layers.2.self_attn.out_proj.weight"),
 ])
 def test_every_known_spelling_reaches_its_weight(module, weight, names):
     tensors = {f"{module}.lora_down.weight": torch.zeros(2, 32), f"{module}.lora_up.weight": torch.zeros(32, 2)}
