@@ -2,8 +2,12 @@
 checkpoint, queued as it stands (made small) and run to an image."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 
-from editor_page import api_prompt, expect, node, screenshot
+
+from editor_page import api_prompt, drop_file, expect, node, screenshot
 
 
 def test_the_default_txt2img_opens_and_runs_to_an_image(sd_editor) -> None:
@@ -36,3 +40,20 @@ def test_the_default_txt2img_opens_and_runs_to_an_image(sd_editor) -> None:
     assert int(page.get_by_test_id("w-3-seed").input_value()) != seed_sent  # randomized for the next run
     expect(page.locator(node("3") + " .sd-node")).not_to_have_class("error")
     screenshot(page, "default-txt2img-result")
+
+
+EXAMPLES = Path(os.environ.get("SDGRAPH_COMFYUI_EXAMPLES",
+                               Path(__file__).parents[3] / "shared" / "data" / "comfyui-examples"))
+
+
+def test_every_comfyui_example_png_dropped_on_the_canvas_opens_its_workflow(sd_editor) -> None:
+    pngs = sorted(EXAMPLES.glob("*.png"))
+    assert len(pngs) == 9
+    for png in pngs:
+        workflow = json.loads((EXAMPLES / f"{png.stem}.workflow.json").read_text())
+        drop_file(sd_editor, png.read_bytes(), png.name, "image/png")
+        expect(sd_editor.get_by_test_id("tab").first).to_contain_text(png.stem)
+        expect(sd_editor.locator(".react-flow__node-sd")).to_have_count(len(workflow["nodes"]))
+        expect(sd_editor.locator(".react-flow__edge")).to_have_count(len(workflow["links"]))
+        assert sd_editor.evaluate("window.sdgraph.workflow().groups.length") == len(workflow.get("groups", []))
+    screenshot(sd_editor, "comfyui-example-dropped")
