@@ -94,7 +94,6 @@ async function post(path: string, body?: unknown): Promise<void> {
 
 export const deleteQueued = (promptId: string) => post("/queue", { delete: [promptId] });
 export const interrupt = (promptId?: string) => post("/interrupt", promptId ? { prompt_id: promptId } : {});
-export const clearHistory = () => post("/history", { clear: true });
 
 export async function uploadImage(file: File): Promise<ImageRef> {
   const form = new FormData();

@@ -65,14 +65,6 @@ export function emptyGraph(): Graph {
   return { nodes: [], links: [], groups: [], lastNodeId: 0, lastLinkId: 0, extra: {}, topLevel: {} };
 }
 
-export function nodeById(graph: Graph, id: string): GraphNode | undefined {
-  return graph.nodes.find((node) => node.id === id);
-}
-
-export function linkInto(graph: Graph, target: string, input: string): GraphLink | undefined {
-  return graph.links.find((link) => link.target === target && link.targetInput === input);
-}
-
 export function nextNodeId(graph: Graph): string {
   const numeric = graph.nodes.map((node) => Number(node.id)).filter(Number.isFinite);
   return String(Math.max(graph.lastNodeId, 0, ...numeric) + 1);

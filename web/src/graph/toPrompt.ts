@@ -109,7 +109,7 @@ class PromptBuilder {
     return Array.isArray(value) ? { __value__: value } : value;
   }
 
-  /** Nodes an output node depends on, walking through helpers and bypassed nodes. */
+  /** Nodes with a path to an output node, or to a node of a type the server lacks (it may be an output). */
   reachable(): Set<string> {
     const seen = new Set<string>();
     const stack = this.graph.nodes

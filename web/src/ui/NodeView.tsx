@@ -5,7 +5,7 @@ import { memo, useCallback, useState } from "react";
 import { viewUrl } from "../api/client";
 import { type SocketSpec, type WidgetSpec } from "../api/objectInfo";
 import { setControl, setWidgetValue, updateNode, widgetFor } from "../graph/edit";
-import { MODE_BYPASSED, MODE_MUTED, type GraphNode } from "../graph/model";
+import { MODE_BYPASSED, MODE_MUTED } from "../graph/model";
 import { outputSlots, widgetSocketType } from "../graph/workflow";
 import { activeTab, useEditor, type EditKind } from "../store/editor";
 import { useRun } from "../store/run";
@@ -143,7 +143,3 @@ function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
 }
 
 export const NodeView = memo(NodeViewInner);
-
-export function nodeTitle(node: GraphNode): string {
-  return node.title ?? node.classType;
-}
