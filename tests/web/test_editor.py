@@ -351,3 +351,16 @@ def test_a_link_dragged_from_a_widget_onto_nothing_offers_a_primitive_node_that_
     editor.get_by_test_id(f"w-{primitive['id']}-value").fill("12")
     editor.get_by_test_id(f"w-{primitive['id']}-value").blur()
     assert api_prompt(editor)[constant]["inputs"] == {"value": 12}
+
+
+def test_right_click_menus_act_on_the_node_and_open_the_palette_on_the_canvas(editor) -> None:
+    constant = add_node(editor, "integer constant", (400, 300))
+    editor.locator(node(constant) + " .sd-title").click(button="right")
+    editor.get_by_test_id("context-menu").get_by_text("Bypass").click()
+    expect(editor.locator(node(constant) + " .sd-node")).to_have_class(re.compile(r"\bbypassed\b"))
+    editor.locator(node(constant) + " .sd-title").click(button="right")
+    editor.get_by_test_id("context-menu").get_by_text("Duplicate").click()
+    expect(editor.locator(".react-flow__node-sd")).to_have_count(3)
+    editor.locator(".react-flow__pane").click(button="right", position={"x": 700, "y": 650})
+    editor.get_by_test_id("context-menu").get_by_text("Add node…").click()
+    expect(editor.get_by_test_id("palette")).to_be_visible()

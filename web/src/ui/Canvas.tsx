@@ -3,11 +3,13 @@
 import { Background, Controls, MiniMap, ReactFlow, useReactFlow, type Connection as FlowConnection, type Edge, type Node,
   type NodeChange, type OnConnectEnd, type OnConnectStart, type OnSelectionChangeParams } from "@xyflow/react";
 import { useCallback, useEffect, useMemo, useRef, useState, type DragEvent, type MouseEvent } from "react";
-import { classesAccepting, connect, connectionProblem, firstInputAccepting, addNode, newNode, moveNodes, nodesInGroup,
-  outputType, removeLinks, removeNodes, inputType } from "../graph/edit";
+import { addNode, classesAccepting, connect, connectionProblem, copyFragment, firstInputAccepting, groupAround, inputType,
+  moveNodes, newNode, nodesInGroup, outputType, pasteFragment, removeLinks, removeNodes, toggleMode } from "../graph/edit";
+import { MODE_BYPASSED, MODE_MUTED, type Graph } from "../graph/model";
 import { activeTab, useEditor } from "../store/editor";
 import { typeColor } from "./colors";
 import { isTyping } from "./keys";
+import { ContextMenu, type MenuItem } from "./ContextMenu";
 import { GroupView, type GroupData } from "./GroupView";
 import { NodeView, type NodeData } from "./NodeView";
 import { Palette } from "./Palette";
@@ -37,6 +39,7 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
   const { edit, settle, select } = useEditor.getState();
   const flow = useReactFlow();
   const [palette, setPalette] = useState<PaletteRequest | null>(null);
+  const [menu, setMenu] = useState<{ at: { x: number; y: number }; items: MenuItem[] } | null>(null);
   const dragging = useRef<PaletteRequest["from"] | null>(null);
   // Measured sizes live beside the graph, not in it: they are the browser's, not the workflow's.
   const [measured, setMeasured] = useState<Record<string, { width: number; height: number }>>({});
@@ -204,6 +207,31 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
     return { x: Number(ds.offset[0]) * ds.scale, y: Number(ds.offset[1]) * ds.scale, zoom: ds.scale };
   }, []);
 
+  const onNodeContextMenu = useCallback((event: MouseEvent, clicked: Node) => {
+    event.preventDefault();
+    if (clicked.id.startsWith(GROUP_PREFIX)) {
+      const index = Number(clicked.id.slice(GROUP_PREFIX.length));
+      setMenu({ at: { x: event.clientX, y: event.clientY }, items: [
+        { label: "Remove group (keep its nodes)", run: () => edit((g) => ({ ...g, groups: g.groups.filter((_, i) => i !== index) })) },
+        { label: "Select its nodes", run: () => select(nodesInGroup(activeTab().graph, activeTab().graph.groups[index])) },
+      ] });
+      return;
+    }
+    const selected = useEditor.getState().selectedNodes;
+    const ids = new Set(selected.includes(clicked.id) ? selected : [clicked.id]);
+    if (!selected.includes(clicked.id)) select([clicked.id]);
+    setMenu({ at: { x: event.clientX, y: event.clientY }, items: nodeMenu(ids, edit) });
+  }, [edit, select]);
+
+  const onPaneContextMenu = useCallback((event: MouseEvent | globalThis.MouseEvent) => {
+    event.preventDefault();
+    const at = { x: event.clientX, y: event.clientY };
+    setMenu({ at, items: [
+      { label: "Add node…", shortcut: "/", run: () => setPalette({ screen: at, flow: flow.screenToFlowPosition(at) }) },
+      { label: "Fit view", run: () => flow.fitView({ padding: 0.1, maxZoom: 1 }) },
+    ] });
+  }, [flow]);
+
   const onDrop = useCallback((event: DragEvent) => {
     if (!event.dataTransfer?.files?.length) return;
     event.preventDefault();
@@ -217,12 +245,27 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
         isValidConnection={isValidConnection} onReconnect={onReconnect} onReconnectEnd={onReconnectEnd}
         onMoveEnd={(_, viewport) => useEditor.getState().setCamera({ scale: viewport.zoom, offset: [viewport.x / viewport.zoom, viewport.y / viewport.zoom] })} zoomOnDoubleClick={false} deleteKeyCode={["Delete", "Backspace"]}
         multiSelectionKeyCode={["Shift", "Control", "Meta"]} selectionKeyCode="Shift" minZoom={0.1} maxZoom={4}
+        onNodeContextMenu={onNodeContextMenu} onPaneContextMenu={onPaneContextMenu}
         onPaneClick={() => setPalette(null)} defaultViewport={camera ?? { x: 0, y: 0, zoom: 1 }} fitView={!camera} fitViewOptions={{ maxZoom: 1, padding: 0.1 }} colorMode="dark" proOptions={{ hideAttribution: true }}>
         <Background gap={20} color="#333" />
         <Controls showInteractive={false} />
         <MiniMap pannable zoomable nodeColor={(n) => (n.type === "sdgroup" ? "#3f789e55" : "#888")} />
       </ReactFlow>
+      {menu && <ContextMenu at={menu.at} items={menu.items} onClose={() => setMenu(null)} />}
       {palette && <Palette schemas={schemas} only={palette.only} screen={palette.screen} onPick={pickNode} onClose={() => setPalette(null)} />}
     </div>
   );
+}
+
+function nodeMenu(ids: Set<string>, edit: (change: (g: Graph) => Graph) => void): MenuItem[] {
+  const one = ids.size === 1 ? [...ids][0] : null;
+  return [
+    ...(one ? [{ label: "Rename", run: () => document.querySelector<HTMLElement>(`[data-testid="title-${one}"]`)
+      ?.dispatchEvent(new MouseEvent("dblclick", { bubbles: true })) }] : []),
+    { label: "Mute", shortcut: "Ctrl+M", run: () => edit((g) => toggleMode(g, ids, MODE_MUTED)) },
+    { label: "Bypass", shortcut: "Ctrl+B", run: () => edit((g) => toggleMode(g, ids, MODE_BYPASSED)) },
+    { label: "Duplicate", shortcut: "Ctrl+D", run: () => edit((g) => pasteFragment(g, copyFragment(g, ids), [40, 40]).graph) },
+    { label: "Group", shortcut: "Ctrl+G", run: () => edit((g) => groupAround(g, ids)) },
+    { label: "Delete", shortcut: "Del", run: () => edit((g) => removeNodes(g, ids)) },
+  ];
 }
