@@ -1,12 +1,17 @@
 """Loader nodes: COMBO options, the handles a checkpoint becomes, the demo checkpoint, refused names."""
+import json
 import os
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from diffusion.checkpoints import load_checkpoint
 from diffusion.tiny_models import (
+    HEAD_OVERRIDES_METADATA,
     tiny_overrides,
     write_tiny_checkpoint,
     write_tiny_diffusers_folder,
@@ -238,9 +243,17 @@ def test_unet_loader_refuses_a_vae_file_naming_the_input(fresh_settings, make_co
         UNETLoader("vae.safetensors", "default", context=make_context(fresh_settings))
 
 
-def test_unet_loader_sends_diffusers_named_unets_to_their_folder(fresh_settings, make_context):
-    folder = write_tiny_diffusers_folder(fresh_settings.temp_dir / "pipeline", "sd1")
-    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors",
-                _folder(fresh_settings, "diffusion_models") / "unet.safetensors")
-    with pytest.raises(ValueError, match="a diffusers-named UNet; load its whole diffusers folder as a checkpoint"):
-        UNETLoader("unet.safetensors", "default", context=make_context(fresh_settings))
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_unet_loader_reads_a_diffusers_named_unet_file(family, fresh_settings, make_context, sd1_handles,
+                                                       sd2_handles):
+    folder = write_tiny_diffusers_folder(fresh_settings.temp_dir / "pipeline", family)
+    target = _folder(fresh_settings, "diffusion_models") / "unet.safetensors"
+    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors", target)
+    # The tiny head layout is what a lone diffusers file cannot tell (its config.json stayed behind).
+    with safe_open(str(target), "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    save_file(tensors, str(target), metadata={HEAD_OVERRIDES_METADATA: json.dumps(asdict(tiny_overrides(family)))})
+    (model,) = UNETLoader("unet.safetensors", "default", context=make_context(fresh_settings))
+    reference = (sd1_handles if family == "sd1" else sd2_handles)[0]
+    assert model.unet.config == reference.unet.config
+    assert _same_weights(model.unet, reference.unet)
