@@ -18,6 +18,8 @@ denoised outputs with ordinary latent math nodes.
 """
 from __future__ import annotations
 
+import logging
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -50,6 +52,8 @@ DENOISE = Float(1.0, min=0.0, max=1.0, step=0.01)
 SIGMA_MAX = Float(14.614642, min=0.0, max=5000.0, step=0.01)
 SIGMA_MIN = Float(0.0291675, min=0.0, max=5000.0, step=0.01)
 STEP_INDEX = Int(0, min=0, max=10000)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,10 @@ def _latent_samples(node_name: str, input_name: str, latent: Latent, model: Mode
     return samples
 
 
-def _checked_sigmas(node_name: str, sigmas: Any, input_name: str = "sigmas") -> Tensor:
+def _checked_sigmas(node_name: str, sigmas: Any, input_name: str = "sigmas", *, allow_empty: bool = False) -> Tensor:
     if not isinstance(sigmas, Tensor) or sigmas.dim() != 1:
         raise ValueError(f"{node_name}: {input_name} must be a 1-D SIGMAS tensor")
-    if sigmas.numel() == 0:
-        # ComfyUI silently returns the latent here; an empty schedule is almost always a wiring mistake.
+    if sigmas.numel() == 0 and not allow_empty:
         raise ValueError(f"{node_name}: {input_name} is empty: there is no noise level to sample from "
                          "(BasicScheduler at denoise 0, or SplitSigmas past the last step?)")
     if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
@@ -157,6 +160,12 @@ def run_sampling(node_name: str, model: ModelHandle, latent: Latent, context: Ex
 
 def _run_custom(node_name: str, guider: Guider, sampler: Sampler, sigmas: Tensor, noise: Noise, latent: Latent,
                 context: ExecutionContext | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if sigmas.numel() == 0:
+        # As ComfyUI: an empty schedule (SplitSigmas at the last step, a denoise of 0) samples nothing and
+        # passes the latent through, which two-stage workflows rely on to switch a stage off.
+        log.warning("%s: sigmas is empty, so the latent passes through unsampled", node_name)
+        samples = _latent_samples(node_name, "latent_image", latent, guider.model)
+        return _with_samples(latent, samples), _with_samples(latent, samples)
     def run(model: SamplingModel, samples: Tensor, noise_mask: Tensor | None, batch_index: list[int] | None,
             callback: StepCallback | None) -> SampleOutput:
         return sample_custom(model, guider.positive, guider.negative, samples, sigmas, sampler.name,
@@ -386,7 +395,7 @@ def SDTurboScheduler(model: Socket("MODEL"), steps: Int(1, min=1, max=10), denoi
 def SplitSigmas(sigmas: Socket("SIGMAS"), step: STEP_INDEX) -> tuple:
     """Splits at `step`: high_sigmas = sigmas[0..step], low_sigmas = sigmas[step..]; both hold sigmas[step],
     so the low part continues where the high part stopped."""
-    sigmas = _checked_sigmas("SplitSigmas", sigmas)
+    sigmas = _checked_sigmas("SplitSigmas", sigmas, allow_empty=True)
     return (sigmas[:step + 1], sigmas[step:])
 
 
@@ -425,7 +434,7 @@ def SamplerCustom(model: Socket("MODEL"), add_noise: Boolean(True), noise_seed: 
                   context: ExecutionContext | None = None) -> tuple:
     """Samples down the given sigmas with a chosen sampler; denoised_output is the last x0 estimate."""
     checked_sampler = _checked_sampler("SamplerCustom", sampler)
-    checked = _checked_sigmas("SamplerCustom", sigmas)
+    checked = _checked_sigmas("SamplerCustom", sigmas, allow_empty=True)
     return _run_custom("SamplerCustom", Guider(model, positive, negative, cfg), checked_sampler, checked,
                        Noise(noise_seed, enabled=add_noise), latent_image, context)
 
@@ -438,7 +447,7 @@ def SamplerCustomAdvanced(noise: Socket("NOISE"), guider: Socket("GUIDER"), samp
     _require(noise, Noise, "SamplerCustomAdvanced", "noise", "NOISE")
     _require(guider, Guider, "SamplerCustomAdvanced", "guider", "GUIDER")
     checked_sampler = _checked_sampler("SamplerCustomAdvanced", sampler)
-    checked = _checked_sigmas("SamplerCustomAdvanced", sigmas)
+    checked = _checked_sigmas("SamplerCustomAdvanced", sigmas, allow_empty=True)
     return _run_custom("SamplerCustomAdvanced", guider, checked_sampler, checked, noise, latent_image, context)
 
 

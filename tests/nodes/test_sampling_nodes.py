@@ -377,11 +377,20 @@ def test_a_latent_with_the_wrong_channel_count_is_refused_naming_the_input(model
         ksample(model, prompts, {"samples": torch.zeros(1, 16, 8, 8)})
 
 
-def test_empty_sigmas_are_refused_naming_the_input(model, prompts):
+def test_empty_sigmas_pass_the_latent_through_unsampled_as_comfyui(model, prompts):
     positive, negative = prompts
-    with pytest.raises(ValueError, match="SamplerCustom: sigmas is empty"):
-        SamplerCustom(model, True, SEED, CFG_SCALE, positive, negative, Sampler("euler"), torch.zeros(0),
-                      empty_latent())
+    latent = {"samples": torch.randn(1, 4, 8, 8), "batch_index": [3]}
+    output, denoised = SamplerCustom(model, True, SEED, CFG_SCALE, positive, negative, Sampler("euler"),
+                                     torch.zeros(0), latent)
+    assert torch.equal(output["samples"], latent["samples"]) and torch.equal(denoised["samples"], latent["samples"])
+    assert output["batch_index"] == [3] and output is not latent
+
+
+def test_sigmas_that_are_not_a_schedule_are_refused_naming_the_input(model, prompts):
+    positive, negative = prompts
+    with pytest.raises(ValueError, match="SamplerCustom: sigmas must be finite and non-negative"):
+        SamplerCustom(model, True, SEED, CFG_SCALE, positive, negative, Sampler("euler"),
+                      torch.tensor([1.0, float("nan")]), empty_latent())
 
 
 def test_a_sampler_input_that_is_not_a_known_sampler_is_refused(model, prompts):
