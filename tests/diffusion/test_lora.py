@@ -259,3 +259,13 @@ def test_a_pickle_that_wants_code_is_refused(tmp_path, names):
     torch.save({"x": torch.zeros(1), "f": math.floor}, path)
     with pytest.raises(CheckpointError, match="unsafe or unsupported checkpoint"):
         load_lora(path, unet_names=names[0], text_names=names[1])
+
+
+@pytest.mark.parametrize("style", ["kohya", "peft", "loha", "lokr"])
+def test_an_sd2_lora_reaches_every_target_of_the_open_clip_loaded_tower(style, tiny_sd2_checkpoint):
+    sd2 = load_checkpoint(tiny_sd2_checkpoint, overrides=tiny_overrides("sd2"))
+    tensors, metadata = tiny_lora_tensors("sd2", style, conv=True)
+    result = lora_patches(tensors, unet_names=unet_lora_names(sd2.unet_config),
+                          text_names=text_lora_names(sd2.text_encoder.state_dict()), metadata=metadata,
+                          weight_shapes={k: tuple(v.shape) for k, v in sd2.unet.state_dict().items()})
+    assert (len(result.unet), len(result.text), result.unmatched, result.mismatched) == (236, 18, (), ())
