@@ -394,7 +394,8 @@ def _kohya_name(prefix: str, path: str) -> str:
 
 
 def _lora_factors(shape: tuple[int, ...], rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down [r, in, (kh, kw)], up [out, r, (1, 1)]) with a delta about a tenth of the weights' scale."""
+    """(down [r, in, (kh, kw)], up [out, r, (1, 1)]): at alpha / rank = 1/2 the delta is about a quarter of
+    the weights' scale, enough to move every output and small enough to keep activations tame."""
     fan_in = math.prod(shape[1:])
     down = torch.randn(rank, *shape[1:], generator=generator) / math.sqrt(fan_in)
     up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=generator) * 0.5 / math.sqrt(rank)
