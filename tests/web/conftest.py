@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from editor_page import ARTIFACTS
+from editor_page import ARTIFACTS, expect
 
 WEB_NODES = Path(__file__).with_name("web_nodes.py")
 TOY_NODES = Path(__file__).parents[1] / "engine" / "toy_nodes.py"
@@ -113,6 +113,9 @@ def open_editor(browser, url: str, request: pytest.FixtureRequest) -> Iterator:
     """A fresh browser context (empty local storage) on the editor page, failing the test on any console
     error that the test did not declare expected in `page.expected_errors` (regular expressions)."""
     context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    # Generous waits: the CI machine's two cores are often busy with other suites at the same time.
+    context.set_default_timeout(20_000)
+    expect.set_options(timeout=15_000)
     page = context.new_page()
     errors: list[str] = []
     page.on("console", lambda message: message.type == "error"

@@ -55,6 +55,13 @@ describe("buildPrompt", () => {
     expect(buildPrompt(graph, schemas).problems).toEqual([{ nodeId: "1", message: "node type SomeCustomLoader is not installed on the server" }]);
   });
 
+  it("names a subgraph instance as such when refusing it", () => {
+    const graph = loadUiWorkflow({ nodes: [{ id: 5, type: "8d6b3c1e-uuid", pos: [0, 0] }], links: [],
+      definitions: { subgraphs: [{ id: "8d6b3c1e-uuid", name: "Upscaler", nodes: [], links: [] }] } }, schemas);
+    expect(buildPrompt(graph, schemas).problems).toEqual([{ nodeId: "5",
+      message: 'subgraph "Upscaler" cannot be queued yet: subgraphs are kept, not expanded' }]);
+  });
+
   it("wraps a list-valued constant so it cannot read as a link", () => {
     const graph = sampling();
     graph.nodes.find((n) => n.id === "7")!.values.text = ["a", 1];

@@ -132,11 +132,16 @@ export function buildPrompt(graph: Graph, schemas: Schemas, random: () => number
   const prompt: ApiPrompt = {};
   const problems: PromptProblem[] = [];
   const reachable = builder.reachable();
+  const definitions = (graph.topLevel.definitions as { subgraphs?: { id?: string; name?: string }[] } | undefined)?.subgraphs ?? [];
+  const subgraphs = new Map(definitions.map((d) => [String(d.id), String(d.name ?? d.id)]));
   for (const node of graph.nodes) {
     if (node.mode !== MODE_NORMAL || isHelper(node.classType)) continue;
     const schema = schemas.get(node.classType);
     if (!schema) {
-      if (reachable.has(node.id)) problems.push({ nodeId: node.id, message: `node type ${node.classType} is not installed on the server` });
+      const subgraph = subgraphs.get(node.classType);
+      if (reachable.has(node.id)) problems.push({ nodeId: node.id, message: subgraph !== undefined
+        ? `subgraph ${JSON.stringify(subgraph)} cannot be queued yet: subgraphs are kept, not expanded`
+        : `node type ${node.classType} is not installed on the server` });
       continue;
     }
     prompt[node.id] = { class_type: node.classType, inputs: builder.nodeInputs(node, schema),
