@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,7 +30,8 @@ from diffusion.sampling import (SAMPLER_NAMES, SCHEDULER_NAMES, SampleOutput, Sa
                                 karras_sigmas, ksampler_sigmas, sample, sample_custom)
 from diffusion.sampling.denoiser import StepCallback, to_d
 from diffusion.sampling.noise import MAX_SEED
-from diffusion.sampling.schedulers import beta_sigmas, exponential_sigmas
+from diffusion.sampling.schedulers import (beta_sigmas, exponential_sigmas, laplace_sigmas, polyexponential_sigmas,
+                                           sd_turbo_sigmas, vp_sigmas)
 from engine import Boolean, Combo, ExecutionContext, Float, Int, RunSettings, Socket, node
 from nodes.previews import sampling_progress
 from nodes.runtime import compute_device, model_manager
@@ -347,48 +347,30 @@ def PolyexponentialScheduler(steps: STEPS, sigma_max: SIGMA_MAX, sigma_min: SIGM
                              rho: Float(1.0, min=0.0, max=100.0, step=0.01)) -> tuple:
     """k-diffusion's polyexponential schedule: log sigma falls as (1 - i/(n-1))^rho; rho 1 is exponential."""
     _positive_sigma_range("PolyexponentialScheduler", sigma_max, sigma_min)
-    ramp = torch.linspace(1.0, 0.0, steps, dtype=torch.float64) ** rho
-    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
-    sigmas = (ramp * (log_max - log_min) + log_min).exp()
-    return (torch.cat([sigmas.float(), torch.zeros(1)]),)
+    return (polyexponential_sigmas(steps, sigma_min, sigma_max, rho),)
 
 
 @node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
 def VPScheduler(steps: STEPS, beta_d: Float(19.9, min=0.0, max=5000.0, step=0.01),
                 beta_min: Float(0.1, min=0.0, max=5000.0, step=0.01),
                 eps_s: Float(0.001, min=0.0, max=1.0, step=0.0001)) -> tuple:
-    """The variance-preserving SDE's noise levels at t = 1 .. eps_s (Song et al. 2021, VP-SDE; k-diffusion's
-    get_sigmas_vp): sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-    t = torch.linspace(1.0, eps_s, steps, dtype=torch.float64)
-    sigmas = (torch.exp(beta_d * t**2 / 2.0 + beta_min * t) - 1.0).sqrt()
-    return (torch.cat([sigmas.float(), torch.zeros(1)]),)
+    """The variance-preserving SDE's noise levels at t = 1 .. eps_s (Song et al. 2021)."""
+    return (vp_sigmas(steps, beta_d, beta_min, eps_s),)
 
 
 @node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
 def LaplaceScheduler(steps: STEPS, sigma_max: SIGMA_MAX, sigma_min: SIGMA_MIN,
                      mu: Float(0.0, min=-10.0, max=10.0, step=0.1),
                      beta: Float(0.5, min=0.0, max=10.0, step=0.1)) -> tuple:
-    """log sigma at the quantiles of a Laplace(mu, beta) distribution, clamped to [sigma_min, sigma_max]: steps
-    crowd around sigma = e^mu (Hang et al. 2024, "Improved noise schedule for diffusion training")."""
+    """log sigma at the quantiles of a Laplace(mu, beta) distribution: steps crowd around sigma = e^mu."""
     _positive_sigma_range("LaplaceScheduler", sigma_max, sigma_min)
-    position = 0.5 - torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
-    # The 1e-5 keeps the log finite at both ends, where the clamp takes over anyway.
-    log_sigmas = mu - beta * position.sign() * torch.log(1.0 - 2.0 * position.abs() + 1e-5)
-    sigmas = log_sigmas.clamp(math.log(sigma_min), math.log(sigma_max)).exp()
-    return (torch.cat([sigmas.float(), torch.zeros(1)]),)
-
-
-# SD Turbo was distilled on these ten timesteps (ComfyUI's SDTurboScheduler): 999, 899, ..., 99.
-_TURBO_TIMESTEPS = tuple(range(999, 0, -100))
+    return (laplace_sigmas(steps, sigma_min, sigma_max, mu, beta),)
 
 
 @node(category=f"{CUSTOM_SAMPLING}/schedulers", outputs=[("SIGMAS", "SIGMAS")])
 def SDTurboScheduler(model: Socket("MODEL"), steps: Int(1, min=1, max=10), denoise: DENOISE) -> tuple:
     """The sigmas of SD Turbo's timesteps 999, 899, ...; denoise d starts 10 - int(10 d) timesteps in."""
-    start = len(_TURBO_TIMESTEPS) - int(len(_TURBO_TIMESTEPS) * denoise)
-    timesteps = _TURBO_TIMESTEPS[start:start + steps]
-    sigmas = [model.model_sampling.sigma(float(t)) for t in timesteps]
-    return (torch.tensor([*sigmas, 0.0], dtype=torch.float32),)
+    return (sd_turbo_sigmas(model.model_sampling, steps, denoise),)
 
 
 @node(category=f"{CUSTOM_SAMPLING}/sigmas", outputs=[("SIGMAS", "high_sigmas"), ("SIGMAS", "low_sigmas")])

@@ -178,6 +178,40 @@ SCHEDULERS: dict[str, SchedulerFn] = {
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 
 
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """k-diffusion's polyexponential schedule: log sigma falls as (1 - i/(n-1))^rho; rho 1 is exponential."""
+    ramp = torch.linspace(1.0, 0.0, n, dtype=torch.float64) ** rho
+    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
+    return torch.cat([(ramp * (log_max - log_min) + log_min).exp().float(), torch.zeros(1)])
+
+
+def vp_sigmas(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> Tensor:
+    """The variance-preserving SDE's noise levels at t = 1 .. eps_s (Song et al. 2021, VP-SDE):
+    sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    t = torch.linspace(1.0, eps_s, n, dtype=torch.float64)
+    return torch.cat([(torch.exp(beta_d * t**2 / 2.0 + beta_min * t) - 1.0).sqrt().float(), torch.zeros(1)])
+
+
+def laplace_sigmas(n: int, sigma_min: float, sigma_max: float, mu: float = 0.0, beta: float = 0.5) -> Tensor:
+    """log sigma at the quantiles of a Laplace(mu, beta) distribution, clamped to [sigma_min, sigma_max]: steps
+    crowd around sigma = e^mu (Hang et al. 2024, "Improved noise schedule for diffusion training")."""
+    position = 0.5 - torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    # The 1e-5 keeps the log finite at both ends, where the clamp takes over anyway.
+    log_sigmas = mu - beta * position.sign() * torch.log(1.0 - 2.0 * position.abs() + 1e-5)
+    return torch.cat([log_sigmas.clamp(math.log(sigma_min), math.log(sigma_max)).exp().float(), torch.zeros(1)])
+
+
+# SD Turbo was distilled on these ten timesteps (ComfyUI's SDTurboScheduler): 999, 899, ..., 99.
+SD_TURBO_TIMESTEPS = tuple(range(999, 0, -100))
+
+
+def sd_turbo_sigmas(ms: ModelSampling, n: int, denoise: float = 1.0) -> Tensor:
+    """The sigmas of SD Turbo's timesteps 999, 899, ...; denoise d starts 10 - int(10 d) timesteps in."""
+    start = len(SD_TURBO_TIMESTEPS) - int(len(SD_TURBO_TIMESTEPS) * denoise)
+    sigmas = [ms.sigma(float(t)) for t in SD_TURBO_TIMESTEPS[start:start + n]]
+    return torch.tensor([*sigmas, 0.0], dtype=torch.float32)
+
+
 def calculate_sigmas(ms: ModelSampling, scheduler: str, steps: int) -> Tensor:
     """The sigmas of `scheduler` for `steps` steps on the model's table."""
     if scheduler not in SCHEDULERS:
