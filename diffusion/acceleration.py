@@ -55,6 +55,13 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def to_channels_last(module: nn.Module) -> None:
+    """Conv weights in NHWC order. Made outside inference mode even inside a step, so that the new weights
+    stay patchable in place (a LoRA) afterwards; an inference-mode tensor would refuse the patch."""
+    with torch.inference_mode(False), torch.no_grad():
+        module.to(memory_format=torch.channels_last)
+
+
 def _on(option: bool | None, device: torch.device) -> bool:
     return option if option is not None else device.type == "cuda"
 
@@ -260,7 +267,7 @@ class StepAccelerator:
         if placement == self._prepared_for or first.device.type == "meta" or self.streaming:
             return  # a streamed model's weights are uploaded one by one: nothing to lay out or stack
         if _on(self.options.channels_last, device):
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         if self.options.stacked_projections:
             model.share_projection_weights()
         self._prepared_for = (next(model.parameters()).data_ptr(), first.dtype, device)
@@ -330,7 +337,8 @@ class BlockStreamer:
                         continue
                     is_parameter = name in owner._parameters
                     if pin and tensor.device.type == "cpu" and not tensor.is_pinned():
-                        _put(owner, name, is_parameter, tensor.detach().pin_memory())
+                        with torch.inference_mode(False):  # the home copy must stay patchable in place
+                            _put(owner, name, is_parameter, tensor.detach().pin_memory())
                     homes.append((owner, name, is_parameter, _get(owner, name, is_parameter)))
             self._homes[id(block)] = homes
             self._hooks.append(block.register_forward_pre_hook(self._upload))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.acceleration import memory_format_of
+from diffusion.acceleration import memory_format_of, to_channels_last
 from diffusion.attention import attention
 from diffusion.latent_format import LatentFormat
 
@@ -284,7 +284,7 @@ class AutoencoderKL(nn.Module):
         wanted = self.channels_last if self.channels_last is not None else device.type == "cuda"
         weight = self.decoder.conv_in.weight
         if wanted and not weight.is_contiguous(memory_format=torch.channels_last):
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
 
     def decode_tiled(self, latent: torch.Tensor, tile: int = 64, overlap: int = 8) -> torch.Tensor:
         """Decodes overlapping ``tile``-sized latent tiles and blends them with linear ramps.

@@ -151,6 +151,16 @@ def test_channels_last_gives_the_plain_output(sd1_weights):
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
+def test_channels_last_weights_made_during_an_inference_step_stay_patchable(sd1_weights):
+    _, fast = _twins(sd1_weights, AccelerationOptions(cuda_graphs=False, channels_last=True))
+    with torch.inference_mode():
+        fast(*_inputs())
+    weight = fast.input_blocks[0][0].weight
+    with torch.no_grad():
+        weight.add_(1.0)  # a LoRA patch, outside inference mode
+    assert not torch.is_inference(weight) and weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_is_off_on_cpu_by_default(sd1_weights):
     _, fast = _twins(sd1_weights, AccelerationOptions())
     with torch.inference_mode():
