@@ -249,7 +249,7 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
         onPaneClick={() => setPalette(null)} defaultViewport={camera ?? { x: 0, y: 0, zoom: 1 }} fitView={!camera} fitViewOptions={{ maxZoom: 1, padding: 0.1 }} colorMode="dark" proOptions={{ hideAttribution: true }}>
         <Background gap={20} color="#333" />
         <Controls showInteractive={false} />
-        <MiniMap pannable zoomable nodeColor={(n) => (n.type === "sdgroup" ? "#3f789e55" : "#888")} />
+        <MiniMap pannable zoomable style={{ width: 170, height: 120 }} nodeColor={(n) => (n.type === "sdgroup" ? "#3f789e55" : "#888")} />
       </ReactFlow>
       {menu && <ContextMenu at={menu.at} items={menu.items} onClose={() => setMenu(null)} />}
       {palette && <Palette schemas={schemas} only={palette.only} screen={palette.screen} onPick={pickNode} onClose={() => setPalette(null)} />}

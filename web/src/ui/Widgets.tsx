@@ -47,7 +47,7 @@ function NumberWidget({ testId, widget, value, onChange, onCommit }: WidgetProps
         onPointerUp={onPointerUp}>{widget.name}</span>
       {slider && <input type="range" className="nodrag" min={Number(widget.options.min)} max={Number(widget.options.max)} step={step}
         value={Number(value) || 0} onChange={(e) => onChange(settleNumber(widget, Number(e.target.value)), "coalesce")} />}
-      <input data-testid={testId} className="nodrag" type="number" step={step} value={text}
+      <input data-testid={testId} className="nodrag nowheel" type="number" step={step} value={text}
         min={widget.options.min as number | undefined} max={widget.options.max as number | undefined}
         onChange={(e) => {
           setText(e.target.value);
@@ -99,7 +99,7 @@ function ComboWidget({ testId, widget, value, onChange }: WidgetProps) {
   return (
     <label className={`inline combo${missing ? " missing" : ""}`} title={missing ? `${current} is not on the server` : undefined}>
       <span>{widget.name}</span>
-      <select data-testid={testId} className="nodrag" value={current} onChange={(e) => onChange(e.target.value, "step")}>
+      <select data-testid={testId} className="nodrag nowheel" value={current} onChange={(e) => onChange(e.target.value, "step")}>
         {missing && <option value={current}>{current || "(none)"} ⚠ missing</option>}
         {widget.choices.map((choice) => <option key={choice} value={choice}>{choice}</option>)}
       </select>
