@@ -25,9 +25,9 @@ def example_registry():
 @pytest.fixture(scope="session")
 def example_settings(tmp_path_factory) -> RunSettings:
     base = tmp_path_factory.mktemp("comfyui_examples")
-    write_example_files(base / "models", base / "input")
-    return RunSettings(models_dir=base / "models", input_dir=base / "input", output_dir=base / "output",
-                       temp_dir=base / "temp", device="cpu", preview="none")
+    folders = {f"{name}_dir": base / name for name in ("models", "input", "output", "temp")}
+    write_example_files(folders["models_dir"], folders["input_dir"])
+    return RunSettings(**folders, device="cpu", preview="none")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import output_files
 from engine import Executor, ExecutionResult, RunSettings, validate_prompt
 from engine.workflow import read_workflow_file
 from example_stand_ins import IMAGE_SIZES
@@ -37,22 +38,18 @@ SDXL_EXAMPLES = {"sdxl_simple_example": {"4", "12"}, "sdxlturbo_example": {"20"}
 
 
 def saved_pixels(result: ExecutionResult, settings: RunSettings) -> dict[str, np.ndarray]:
-    """The images each SaveImage node of a run wrote, as uint8 arrays [H, W, 3]."""
-    pixels = {}
-    for node_id, ui in result.outputs.items():
-        for entry in ui.get("images", []):
-            if entry["type"] == "output":
-                path = settings.folder_for("output") / entry["subfolder"] / entry["filename"]
-                with Image.open(path) as image:
-                    pixels[node_id] = np.asarray(image.convert("RGB"))
-    return pixels
+    """The image each SaveImage node of a run wrote (the files `sdgraph run` reports), uint8 [H, W, 3]."""
+    return {node_id: rgb(path) for node_id, [path] in output_files(result, settings).items()}
+
+
+def rgb(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def failure(result: ExecutionResult) -> str:
-    if result.error is not None:
-        data = result.error.data()
-        return f"node {data['node_id']} ({data['node_type']}): {data.get('exception_message')}"
-    return "\n".join(result.validation.messages())
+    found = result.error.data() if result.error is not None else {}
+    return found.get("exception_message") or "\n".join(result.validation.messages())
 
 
 @pytest.mark.parametrize("name", sorted(SAVED_SIZES))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import apply_overrides
+from cli import apply_overrides, output_files
 from engine import Executor, ExecutionResult, RunSettings
 from workflow_files import CI_LATENT_SIZE, INPUT_IMAGES, WORKFLOWS, ci_size_overrides, workflow_names
 
@@ -45,19 +45,19 @@ def run(prompt: dict, registry, settings: RunSettings, executor: Executor | None
 
 
 def saved_images(result: ExecutionResult, settings: RunSettings) -> dict[str, np.ndarray]:
-    images = {}
-    for node_id, ui in result.outputs.items():
-        for entry in ui.get("images", []):
-            with Image.open(settings.folder_for(entry["type"]) / entry["subfolder"] / entry["filename"]) as image:
-                images[node_id] = np.asarray(image.convert("RGB"))
-    return images
+    return {node_id: rgb(path) for node_id, [path] in output_files(result, settings).items()}
+
+
+def rgb(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def describe_failure(result: ExecutionResult) -> str:
-    if result.error is not None:
-        data = result.error.data()
-        return f"node {data['node_id']} ({data['node_type']}): {data.get('exception_message')}"
-    return "\n".join(result.validation.messages())
+    if result.error is None:
+        return "\n".join(result.validation.messages())
+    data = result.error.data()
+    return f"node {data['node_id']} ({data['node_type']}): {data.get('exception_message')}"
 
 
 def with_other_seeds(prompt: dict) -> dict:
