@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ from PIL import Image
 
 from cli import apply_overrides, output_files
 from engine import Executor, ExecutionResult, RunSettings
-from workflow_files import CI_LATENT_SIZE, INPUT_IMAGES, WORKFLOWS, ci_size_overrides, workflow_names
+from nodes.loaders import DEMO_CHECKPOINT
+from workflow_files import (CI_LATENT_SIZE, INPUT_IMAGES, LORA, SD2_V_CHECKPOINT, WORKFLOWS, ci_size_overrides,
+                            workflow_names)
 
 SIDE = CI_LATENT_SIZE
 #: workflow -> {SaveImage node id: (height, width)} at CI size
@@ -35,6 +38,7 @@ SAVED_SIZES = {
     "sd2-v-prediction": {"9": (SIDE, SIDE)},
 }
 SEED_INPUTS = ("seed", "noise_seed")
+FILE_INPUTS = ("ckpt_name", "lora_name", "vae_name", "image")
 
 
 def run(prompt: dict, registry, settings: RunSettings, executor: Executor | None = None) -> dict[str, np.ndarray]:
@@ -71,6 +75,16 @@ def with_other_seeds(prompt: dict) -> dict:
 
 def test_every_workflow_file_has_its_expected_outputs_listed():
     assert workflow_names() == sorted(SAVED_SIZES)
+
+
+def test_the_readme_has_a_line_for_every_workflow_and_names_every_file_they_need():
+    readme = (WORKFLOWS / "README.md").read_text()
+    assert sorted(re.findall(r"^\| `([\w-]+)\.json` \|", readme, re.M)) == workflow_names()
+    prompts = [json.loads((WORKFLOWS / f"{name}.json").read_text()) for name in workflow_names()]
+    needed = {value for prompt in prompts for body in prompt.values() for key, value in body["inputs"].items()
+              if key in FILE_INPUTS and isinstance(value, str) and value != DEMO_CHECKPOINT}
+    assert needed == {SD2_V_CHECKPOINT, LORA, *INPUT_IMAGES}
+    assert all(f"`{file_name}`" in readme for file_name in needed)
 
 
 @pytest.mark.parametrize("name", sorted(SAVED_SIZES))

@@ -1,7 +1,7 @@
 """The files the example workflows name, written as tiny stand-ins, and the workflows at CI size.
 
 The workflows use the built-in demo checkpoint, so most need no files; these need what workflows/README.md
-tells a user to put in place (the names here are the ones the README documents):
+tells a user to put in place, under the names the README documents.
 """
 from __future__ import annotations
 
