@@ -364,3 +364,33 @@ def test_right_click_menus_act_on_the_node_and_open_the_palette_on_the_canvas(ed
     editor.locator(".react-flow__pane").click(button="right", position={"x": 700, "y": 650})
     editor.get_by_test_id("context-menu").get_by_text("Add node…").click()
     expect(editor.get_by_test_id("palette")).to_be_visible()
+
+
+def test_a_collapsed_node_keeps_its_links_and_saves_the_flag(editor) -> None:
+    drop_json(editor, into_output(1, "Constant", [4], 2))
+    editor.locator(node("1")).get_by_role("button", name="collapse").click()
+    expect(editor.locator(node("1") + " .sd-node")).to_have_class(re.compile(r"\bcollapsed\b"))
+    expect(editor.get_by_test_id("w-1-value")).to_have_count(0)
+    expect(editor.locator(".react-flow__edge")).to_have_count(1)
+    assert editor.evaluate("window.sdgraph.workflow().nodes[0].flags") == {"collapsed": True}
+    assert api_prompt(editor)["2"]["inputs"] == {"value": ["1", 0]}
+    editor.locator(node("1") + " .sd-title span").click()
+    editor.keyboard.press("Alt+c")
+    expect(editor.get_by_test_id("w-1-value")).to_have_value("4")
+
+
+def test_click_and_shift_click_select_nodes_and_delete_removes_them_and_a_clicked_link(editor) -> None:
+    drop_json(editor, ui_workflow(
+        [{"id": 1, "type": "Constant", "widgets_values": [1], "outputs": [{"name": "value", "type": "INT", "links": [1]}]},
+         {"id": 2, "type": "Output", "inputs": [{"name": "value", "type": "*", "link": 1}]},
+         {"id": 3, "type": "Constant", "widgets_values": [2], "pos": [100, 500]},
+         {"id": 4, "type": "Constant", "widgets_values": [3], "pos": [500, 500]}],
+        [[1, 1, 0, 2, 0, "INT"]]))
+    editor.locator(".react-flow__edge").click()
+    editor.keyboard.press("Delete")
+    expect(editor.locator(".react-flow__edge")).to_have_count(0)
+    editor.locator(node("3") + " .sd-title").click()
+    editor.locator(node("4") + " .sd-title").click(modifiers=["Shift"])
+    expect(editor.locator(".react-flow__node-sd.selected")).to_have_count(2)
+    editor.keyboard.press("Delete")
+    assert sorted(n["id"] for n in graph_nodes(editor)) == ["1", "2"]

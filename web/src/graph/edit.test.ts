@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import { Schemas, type ObjectInfo } from "../api/objectInfo";
 import coreInfo from "../fixtures/core_object_info.json";
 import { addNode, classesAccepting, connect, connectionProblem, copyFragment, newNode, pasteFragment, removeLinks, removeNodes,
-  toggleMode } from "./edit";
+  toggleCollapse, toggleMode } from "./edit";
 import { MODE_MUTED, MODE_NORMAL, emptyGraph, type Graph } from "./model";
 import { buildPrompt } from "./toPrompt";
 
@@ -65,6 +65,16 @@ describe("toggleMode", () => {
     const g = graphOf("EmptyLatentImage");
     const muted = toggleMode(g, new Set(["1"]), MODE_MUTED);
     expect([muted.nodes[0].mode, toggleMode(muted, new Set(["1"]), MODE_MUTED).nodes[0].mode]).toEqual([MODE_MUTED, MODE_NORMAL]);
+  });
+});
+
+describe("toggleCollapse", () => {
+  it("collapses into the UI format's flags, keeping other flags, and expands when all are collapsed", () => {
+    const g = graphOf("EmptyLatentImage", "EmptyLatentImage");
+    const pinned = { ...g, nodes: g.nodes.map((n) => ({ ...n, saved: { flags: { pinned: true } } })) };
+    const once = toggleCollapse(pinned, new Set(["1", "2"]));
+    expect(once.nodes.map((n) => n.saved.flags)).toEqual([{ pinned: true, collapsed: true }, { pinned: true, collapsed: true }]);
+    expect(toggleCollapse(once, new Set(["1"])).nodes[0].saved.flags).toEqual({ pinned: true, collapsed: false });
   });
 });
 

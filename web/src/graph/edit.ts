@@ -140,6 +140,19 @@ export function toggleMode(graph: Graph, ids: Set<string>, mode: NodeMode): Grap
   return { ...graph, nodes: graph.nodes.map((n) => (ids.has(n.id) ? { ...n, mode: next } : n)) };
 }
 
+export function isCollapsed(node: GraphNode): boolean {
+  return Boolean((node.saved.flags as { collapsed?: boolean } | undefined)?.collapsed);
+}
+
+/** Collapse the nodes to their title bar (the UI format's flags.collapsed), or expand them if all are. */
+export function toggleCollapse(graph: Graph, ids: Set<string>): Graph {
+  const chosen = graph.nodes.filter((n) => ids.has(n.id));
+  if (chosen.length === 0) return graph;
+  const collapsed = !chosen.every(isCollapsed);
+  return { ...graph, nodes: graph.nodes.map((n) => (ids.has(n.id)
+    ? { ...n, saved: { ...n.saved, flags: { ...(n.saved.flags as object | undefined), collapsed } } } : n)) };
+}
+
 export function moveNodes(graph: Graph, positions: Map<string, [number, number]>): Graph {
   const moved = graph.nodes.some((n) => positions.has(n.id) && (positions.get(n.id)![0] !== n.pos[0] || positions.get(n.id)![1] !== n.pos[1]));
   if (!moved) return graph;

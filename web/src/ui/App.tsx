@@ -4,7 +4,7 @@ import { useCallback, useEffect, useState } from "react";
 import { fetchObjectInfo, type HistoryEntry } from "../api/client";
 import { connectSocket, newClientId } from "../api/ws";
 import { defaultGraph } from "../graph/defaultGraph";
-import { copyFragment, groupAround, pasteFragment, toggleMode, type Fragment } from "../graph/edit";
+import { copyFragment, groupAround, pasteFragment, toggleCollapse, toggleMode, type Fragment } from "../graph/edit";
 import { MODE_BYPASSED, MODE_MUTED } from "../graph/model";
 import { activeTab, useEditor } from "../store/editor";
 import { restoreSaved, startAutosave } from "../store/autosave";
@@ -63,6 +63,7 @@ function onShortcut(event: KeyboardEvent, openPicker: () => void): void {
   else if (ctrl && key === "m") { event.preventDefault(); edit((g) => toggleMode(g, selection(), MODE_MUTED)); }
   else if (ctrl && key === "b") { event.preventDefault(); edit((g) => toggleMode(g, selection(), MODE_BYPASSED)); }
   else if (ctrl && key === "g") { event.preventDefault(); edit((g) => groupAround(g, selection())); }
+  else if (event.altKey && key === "c") { event.preventDefault(); edit((g) => toggleCollapse(g, selection())); }
 }
 
 function ErrorDialog() {

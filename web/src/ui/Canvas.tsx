@@ -1,7 +1,8 @@
 // The canvas: React Flow in controlled mode over the active tab's graph. Positions move live while a
 // drag lasts and become one undo step when it ends; connections are checked against socket types.
 import { Background, Controls, MiniMap, ReactFlow, useReactFlow, type Connection as FlowConnection, type Edge, type Node,
-  type NodeChange, type OnConnectEnd, type OnConnectStart, type OnSelectionChangeParams } from "@xyflow/react";
+  type EdgeChange, type EdgeSelectionChange, type NodeChange, type NodeSelectionChange, type OnConnectEnd,
+  type OnConnectStart } from "@xyflow/react";
 import { useCallback, useEffect, useMemo, useRef, useState, type DragEvent, type MouseEvent } from "react";
 import { addNode, classesAccepting, connect, connectionProblem, copyFragment, firstInputAccepting, groupAround, inputType,
   moveNodes, newNode, nodesInGroup, outputType, pasteFragment, removeLinks, removeNodes, toggleMode } from "../graph/edit";
@@ -64,6 +65,7 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
   })), [graph.links, selectedLinks]);
 
   const onNodesChange = useCallback((changes: NodeChange[]) => {
+    applySelection(changes.filter((c): c is NodeSelectionChange => c.type === "select"), select);
     const sizes = changes.flatMap((c) => (c.type === "dimensions" && c.dimensions ? [[c.id, c.dimensions] as const] : []));
     if (sizes.length) setMeasured((old) => ({ ...old, ...Object.fromEntries(sizes) }));
     let finished = false;
@@ -93,12 +95,17 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
       return moved.size ? moveNodes(next, moved) : next;
     }, "live");
     if (finished) settle();
-  }, [edit, settle]);
+  }, [edit, settle, select]);
 
-  const onSelectionChange = useCallback(({ nodes: chosen, edges: chosenEdges }: OnSelectionChangeParams) => {
-    const group = chosen.find((n) => n.id.startsWith(GROUP_PREFIX));
-    select(chosen.filter((n) => !n.id.startsWith(GROUP_PREFIX)).map((n) => n.id), chosenEdges.map((e) => e.id),
-      group ? Number(group.id.slice(GROUP_PREFIX.length)) : null);
+  const onEdgesChange = useCallback((changes: EdgeChange[]) => {
+    const picked = changes.filter((c): c is EdgeSelectionChange => c.type === "select");
+    if (picked.length === 0) return;
+    const state = useEditor.getState();
+    const links = new Set(state.selectedLinks);
+    for (const change of picked) {
+      if (change.selected) links.add(change.id); else links.delete(change.id);
+    }
+    select(state.selectedNodes, [...links], state.selectedGroup);
   }, [select]);
 
   const onDelete = useCallback(({ nodes: gone, edges: goneEdges }: { nodes: Node[]; edges: Edge[] }) => {
@@ -240,7 +247,7 @@ export function Canvas({ onOpenFiles }: { onOpenFiles(files: File[]): void }) {
 
   return (
     <div className="canvas" ref={wrapper} onDoubleClick={onDoubleClick} onDragOver={(e) => e.preventDefault()} onDrop={onDrop}>
-      <ReactFlow nodes={nodes} edges={edges} nodeTypes={nodeTypes} onNodesChange={onNodesChange} onSelectionChange={onSelectionChange}
+      <ReactFlow nodes={nodes} edges={edges} nodeTypes={nodeTypes} onNodesChange={onNodesChange} onEdgesChange={onEdgesChange}
         onDelete={onDelete} onConnect={onConnect} onConnectStart={onConnectStart} onConnectEnd={onConnectEnd}
         isValidConnection={isValidConnection} onReconnect={onReconnect} onReconnectEnd={onReconnectEnd}
         onMoveEnd={(_, viewport) => useEditor.getState().setCamera({ scale: viewport.zoom, offset: [viewport.x / viewport.zoom, viewport.y / viewport.zoom] })} zoomOnDoubleClick={false} deleteKeyCode={["Delete", "Backspace"]}
@@ -268,4 +275,20 @@ function nodeMenu(ids: Set<string>, edit: (change: (g: Graph) => Graph) => void)
     { label: "Group", shortcut: "Ctrl+G", run: () => edit((g) => groupAround(g, ids)) },
     { label: "Delete", shortcut: "Del", run: () => edit((g) => removeNodes(g, ids)) },
   ];
+}
+
+/** Clicks and box selections arrive as changes to apply, since the selection lives in the store. */
+function applySelection(changes: NodeSelectionChange[], select: (nodes: string[], links?: string[], group?: number | null) => void): void {
+  if (changes.length === 0) return;
+  const state = useEditor.getState();
+  const nodes = new Set(state.selectedNodes);
+  let group = state.selectedGroup;
+  for (const change of changes) {
+    if (change.id.startsWith(GROUP_PREFIX)) {
+      const index = Number(change.id.slice(GROUP_PREFIX.length));
+      if (change.selected) group = index; else if (group === index) group = null;
+    } else if (change.selected) nodes.add(change.id);
+    else nodes.delete(change.id);
+  }
+  select([...nodes], state.selectedLinks, group);
 }

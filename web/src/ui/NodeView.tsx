@@ -4,7 +4,7 @@ import { Handle, Position, type NodeProps } from "@xyflow/react";
 import { memo, useCallback, useState } from "react";
 import { viewUrl } from "../api/client";
 import { type SocketSpec, type WidgetSpec } from "../api/objectInfo";
-import { setControl, setWidgetValue, updateNode, widgetFor } from "../graph/edit";
+import { isCollapsed, setControl, setWidgetValue, toggleCollapse, updateNode, widgetFor } from "../graph/edit";
 import { MODE_BYPASSED, MODE_MUTED } from "../graph/model";
 import { outputSlots, widgetSocketType } from "../graph/workflow";
 import { activeTab, useEditor, type EditKind } from "../store/editor";
@@ -68,10 +68,29 @@ function NodeViewInner({ data, selected }: NodeProps & { data: NodeData }) {
     : schema?.widgets ?? [];
   const outputs = outputSlots(node, schema);
   const isDisplayOnly = node.classType === "Note" || node.classType === "MarkdownNote";
+  const collapsed = isCollapsed(node);
+  const toggleCollapsed = () => edit((g) => toggleCollapse(g, new Set([nodeId])));
+  if (collapsed) {
+    // Every handle stays (links must keep their ends), gathered at the title's edges.
+    return (
+      <div className={`${classes} collapsed`} data-testid={`node-${nodeId}`}>
+        <div className="sd-title" style={node.saved.color ? { background: node.saved.color as string } : undefined}>
+          <button type="button" className="collapse nodrag" title="expand" aria-label="expand" onClick={toggleCollapsed}>▸</button>
+          <span data-testid={`title-${nodeId}`}>{node.title ?? schema?.title ?? node.classType}</span>
+          {(node.primitive || isDisplayOnly ? [] : [...sockets, ...widgets.map((w) => ({ name: w.name, type: widgetSocketType(w) }))])
+            .map((slot) => <InputHandle key={slot.name} name={slot.name} type={slot.type} />)}
+          {outputs.map((slot, index) => (
+            <Handle key={index} type="source" position={Position.Right} id={`out:${index}`} className="socket" style={{ background: typeColor(slot.type) }} />
+          ))}
+        </div>
+      </div>
+    );
+  }
   return (
     <div className={classes} data-testid={`node-${nodeId}`} style={color ? { background: color } : undefined}>
       <div className="sd-title" style={node.saved.color ? { background: node.saved.color as string } : undefined}
         title={schema?.description || node.classType}>
+        <button type="button" className="collapse nodrag" title="collapse" aria-label="collapse" onClick={toggleCollapsed}>▾</button>
         {renaming ? (
           <input autoFocus className="nodrag title-edit" data-testid={`title-edit-${nodeId}`} defaultValue={node.title ?? schema?.title ?? node.classType}
             onBlur={(e) => { const title = e.target.value.trim(); setRenaming(false);
