@@ -394,3 +394,17 @@ def test_click_and_shift_click_select_nodes_and_delete_removes_them_and_a_clicke
     expect(editor.locator(".react-flow__node-sd.selected")).to_have_count(2)
     editor.keyboard.press("Delete")
     assert sorted(n["id"] for n in graph_nodes(editor)) == ["1", "2"]
+
+
+def test_dragging_a_node_moves_it_in_one_undo_step(editor) -> None:
+    drop_json(editor, into_output(1, "Constant", [1], 2))
+    before = {n["id"]: n["pos"] for n in graph_nodes(editor)}
+    title = editor.locator(node("1") + " .sd-title").bounding_box()
+    editor.mouse.move(title["x"] + 30, title["y"] + title["height"] / 2)
+    editor.mouse.down()
+    editor.mouse.move(title["x"] + 130, title["y"] + 80, steps=10)
+    editor.mouse.up()
+    moved = {n["id"]: n["pos"] for n in graph_nodes(editor)}
+    assert moved["2"] == before["2"] and moved["1"][0] > before["1"][0] and moved["1"][1] > before["1"][1]
+    editor.keyboard.press("Control+z")
+    assert {n["id"]: n["pos"] for n in graph_nodes(editor)} == before
