@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from diffusion import detection
 from diffusion.checkpoints import LoadedCheckpoint, load_checkpoint, load_vae, open_tensor_file
 from diffusion.detection import HeadOverrides
+from diffusion.inpaint import grey_image_latent
 from diffusion.latent_format import LatentFormat
 from diffusion.latent_preview import fit_latent_to_rgb
 from diffusion.safetensors_io import CheckpointError
@@ -211,6 +213,9 @@ def handles_from(loaded: LoadedCheckpoint, settings: RunSettings) -> tuple[Model
         unet=loaded.unet, model_sampling=sampling, latent_format=loaded.vae.latent_format, family=loaded.family,
         preview_factors=preview_factors_for(loaded.vae, settings),
     )
+    if model.concat_channels:
+        with model_manager(settings).use(loaded.vae):
+            model = replace(model, inpaint_blank_latent=grey_image_latent(loaded.vae))
     return model, clip_handle(loaded.text_encoder, settings), VaeHandle(loaded.vae)
 
 
