@@ -249,8 +249,10 @@ def write_tiny_diffusers_folder(
     variant: str | None = None,
     sharded: bool = False,
     v_prediction: bool = False,
+    inpaint: bool = False,
 ) -> Path:
-    """A diffusers pipeline folder holding the same weights as write_tiny_checkpoint with the same seed.
+    """A diffusers pipeline folder holding the same weights as write_tiny_checkpoint with the same seed
+    (and the same `inpaint` choice: a 9-channel UNet).
 
     variant "fp16" stores fp16 tensors under `*.fp16.*` names; sharded splits each weight file in two with
     an index. SD2's text encoder is stored as real SD2 folders store it: a plain CLIPTextModel (no
@@ -258,8 +260,8 @@ def write_tiny_diffusers_folder(
     """
     folder = Path(folder)
     dtype = torch.float16 if variant == "fp16" else torch.float32
-    unet_config = tiny_unet_config(family)
-    unet_weights = unet_state_dict_to_diffusers(tiny_unet_weights(family, seed), unet_config)
+    unet_config = tiny_unet_config(family, inpaint=inpaint)
+    unet_weights = unet_state_dict_to_diffusers(tiny_unet_weights(family, seed, inpaint=inpaint), unet_config)
     vae_weights = vae_state_dict_to_diffusers(tiny_vae_weights(seed), TINY_VAE)
     components = {
         "unet": (unet_config_to_diffusers(unet_config), unet_weights, "diffusion_pytorch_model"),

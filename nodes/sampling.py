@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from diffusion.inpaint import INPAINT_CONCAT_CHANNELS, inpaint_concat
 from diffusion.sampling import (SAMPLER_NAMES, SCHEDULER_NAMES, SampleOutput, SamplingModel, initial_noise,
                                 karras_sigmas, ksampler_sigmas, sample, sample_custom)
 from diffusion.sampling.denoiser import StepCallback, to_d
@@ -100,6 +101,8 @@ def _latent_samples(node_name: str, input_name: str, latent: Latent, model: Mode
     if samples.dim() != 4:
         raise ValueError(f"{node_name}: {input_name} samples must be [B, C, H, W], got shape {list(samples.shape)}")
     channels = getattr(getattr(model.unet, "config", None), "in_channels", None) if model is not None else None
+    if channels is not None:
+        channels -= model.concat_channels  # an inpainting UNet's mask and masked-image channels
     if channels is not None and samples.shape[1] != channels:
         raise ValueError(f"{node_name}: {input_name} has {samples.shape[1]} latent channels but the model takes "
                          f"{channels} (a latent made for another model family?)")
@@ -152,10 +155,27 @@ def run_sampling(node_name: str, model: ModelHandle, latent: Latent, context: Ex
     settings = _settings(context)
     device = compute_device(settings)
     batch_index = latent.get("batch_index")
+    samples = samples.to(device, torch.float32)
+    concat = _concat_conditioning(node_name, input_name, model, samples, latent.get("noise_mask"))
     with model.sampling_model(model_manager(settings)) as sampling_model, torch.no_grad():
-        result = run(sampling_model, samples.to(device, torch.float32), latent.get("noise_mask"),
+        sampling_model = replace(sampling_model, concat=concat)
+        result = run(sampling_model, samples, latent.get("noise_mask"),
                      list(batch_index) if batch_index is not None else None, sampling_progress(context, model))
     return _with_samples(latent, result.samples), _with_samples(latent, result.denoised)
+
+
+def _concat_conditioning(node_name: str, input_name: str, model: ModelHandle, samples: Tensor,
+                         noise_mask: Tensor | None) -> Tensor | None:
+    """An inpainting model's extra input (mask + masked-image latent) from the LATENT, else None."""
+    if model.concat_channels == 0:
+        return None
+    if model.concat_channels != INPAINT_CONCAT_CHANNELS:
+        raise ValueError(f"{node_name}: the model takes {model.concat_channels} input channels beyond the latent's; "
+                         f"only inpainting models ({INPAINT_CONCAT_CHANNELS}: mask + masked image) are supported")
+    try:
+        return inpaint_concat(samples, noise_mask, model.latent_format, model.inpaint_blank_latent)
+    except ValueError as error:
+        raise ValueError(f"{node_name}: {input_name}: {error}") from None
 
 
 def _run_custom(node_name: str, guider: Guider, sampler: Sampler, sigmas: Tensor, noise: Noise, latent: Latent,

@@ -98,11 +98,23 @@ class ModelHandle:
     #: [latent_channels + 1, 3] float32: a linear latent -> RGB (-1..1) projection for live previews, last
     #: row the bias (diffusion/latent_preview.py fits it from the checkpoint's own VAE). None: no previews.
     preview_factors: Tensor | None = None
+    #: [latent_channels] float32: the raw VAE latent of a plain grey (0.0 in -1..1) image, per channel, from
+    #: the checkpoint's own VAE; an inpainting model's masked image when nothing is masked. None: not known.
+    inpaint_blank_latent: Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         """For the executor's cache budget: the weights this handle keeps alive."""
         return weight_bytes(self.unet)
+
+    @property
+    def concat_channels(self) -> int:
+        """Input channels beyond the latent's: 5 for an inpainting UNet (mask + masked-image latent), else 0."""
+        config = getattr(self.unet, "config", None)
+        in_channels, out_channels = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        if in_channels is None or out_channels is None:
+            return 0
+        return max(0, in_channels - out_channels)
 
     def with_patches(self, extra: Mapping[str, WeightPatch]) -> ModelHandle:
         return replace(self, patches=merge_patches(self.patches, extra))

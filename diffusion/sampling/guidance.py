@@ -6,6 +6,10 @@ strength (area edges feathered over up to 8 latent pixels where they do not touc
 no entry covers predict 0, as ComfyUI does. Entries of both lists whose inputs share a shape run through
 the model in one batch; prompts of different token lengths are repeated to their least common multiple
 (model-formats.md 6.6), which leaves cross-attention unchanged.
+
+Models that take extra input channels (inpainting UNets: mask and masked-image latent) get a fixed `concat`
+tensor appended to every call's input after the c_in scaling, cut to each entry's area like x, for cond and
+uncond alike (diffusers' StableDiffusionInpaintPipeline and ComfyUI's concat conditioning both do this).
 """
 from __future__ import annotations
 
@@ -188,6 +192,7 @@ class _Chunk:
     cross_attn: Tensor
     y: Tensor | None
     whole: bool = False
+    concat: Tensor | None = None
 
 
 def _compatible(a: _Chunk, b: _Chunk) -> bool:
@@ -216,7 +221,14 @@ class CondBatcher:
         cond_lists: Sequence[Sequence[Condition]],
         latent_shape: Sequence[int],
         encode_y: EncodeY | None = None,
+        concat: Tensor | None = None,
     ) -> None:
+        """`concat` [1 or B, C', h, w], in the model's latent space, joins x's channels in every model call."""
+        if concat is not None and tuple(concat.shape[-2:]) != tuple(latent_shape[-2:]):
+            raise ValueError(f"concat conditioning is {tuple(concat.shape[-2:])} latent pixels but the latent is "
+                             f"{tuple(latent_shape[-2:])}")
+        self.concat = concat
+        self._concat_moved: dict[tuple, Tensor] = {}
         self.apply_model = apply_model
         self.ms = model_sampling
         self.prepared = [[_prepare(c, latent_shape, model_sampling, encode_y) for c in conds] for conds in cond_lists]
@@ -238,8 +250,18 @@ class CondBatcher:
             self._moved[key] = moved
         return moved
 
+    def _concat_on_device(self, like: Tensor) -> Tensor | None:
+        if self.concat is None:
+            return None
+        key = (like.device, like.dtype, like.shape[0])
+        moved = self._concat_moved.get(key)
+        if moved is None:
+            moved = self._concat_moved[key] = repeat_to_batch(self.concat, like.shape[0]).to(like.device, like.dtype)
+        return moved
+
     def _chunks(self, x: Tensor, sigma: float, slots: Sequence[int]) -> list[_Chunk]:
         chunks = []
+        concat = self._concat_on_device(x)
         for slot in slots:
             for cond in self.prepared[slot]:
                 # ComfyUI's timestep ranges: inactive above start's sigma or below end's sigma.
@@ -248,7 +270,9 @@ class CondBatcher:
                 h, w, y, x0 = cond.area
                 region = x[:, :, y : y + h, x0 : x0 + w]
                 moved = self._on_device(cond, x)
-                chunks.append(_Chunk(slot, cond.area, region, moved.weight, moved.cross_attn, moved.y, cond.whole))
+                concat_region = concat[:, :, y : y + h, x0 : x0 + w] if concat is not None else None
+                chunks.append(_Chunk(slot, cond.area, region, moved.weight, moved.cross_attn, moved.y, cond.whole,
+                                     concat_region))
         return chunks
 
     def _run(self, group: list[_Chunk], sigma: float) -> list[Tensor]:
@@ -260,7 +284,10 @@ class CondBatcher:
             context = self._contexts[key] = _concat_context([c.cross_attn for c in group])
         y_input = torch.cat([c.y for c in group], dim=0) if group[0].y is not None else None
         timestep = torch.full((x_in.shape[0],), self.ms.timestep(sigma), device=x_in.device, dtype=torch.float32)
-        output = self.apply_model(x_in * self.ms.c_in(sigma), timestep, context=context, y=y_input)
+        model_input = x_in * self.ms.c_in(sigma)
+        if group[0].concat is not None:
+            model_input = torch.cat([model_input, torch.cat([c.concat for c in group], dim=0)], dim=1)
+        output = self.apply_model(model_input, timestep, context=context, y=y_input)
         denoised = self.ms.calculate_denoised(sigma, output, x_in)
         return list(denoised.split([c.x.shape[0] for c in group], dim=0))
 

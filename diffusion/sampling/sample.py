@@ -25,12 +25,17 @@ Conditioning = Sequence[Sequence[Any]]  # ComfyUI's CONDITIONING: [[cross_attn, 
 
 @dataclass(frozen=True)
 class SamplingModel:
-    """What sampling needs from a loaded model: the raw network and its parameterisation."""
+    """What sampling needs from a loaded model: the raw network and its parameterisation.
+
+    `concat` [1 or B, C', h, w], in the model's latent space (after LatentFormat.process_in), is appended to
+    x's channels in every model call: an inpainting UNet's mask and masked-image latent.
+    """
 
     apply_model: ApplyModel
     model_sampling: ModelSampling
     latent_format: LatentFormat = field(default_factory=LatentFormat)
     encode_y: EncodeY | None = None
+    concat: Tensor | None = None
 
 
 class SampleOutput(NamedTuple):
@@ -127,6 +132,7 @@ def sample_custom(
         [_conditions(positive, "positive"), _conditions(negative, "negative")],
         latent.shape,
         model.encode_y,
+        model.concat,
     )
     denoiser: Denoiser = CFGDenoiser(batcher, cfg, guidance_rescale)
     if noise_mask is not None:
