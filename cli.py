@@ -26,7 +26,7 @@ from engine.events import Event, Executing, Progress
 from engine.executor import ExecutionResult
 from engine.workflow import PromptFormatError, WorkflowDocument, load_workflow_document
 
-WORKFLOW_HELP = "API-format workflow JSON, a POST /prompt body, or a PNG that carries its prompt"
+WORKFLOW_HELP = "workflow JSON (API or UI format), a POST /prompt body, or a PNG with its prompt or workflow embedded"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 NODE_MODULES_ENV = "SDGRAPH_NODE_MODULES"
 AUTH_TOKEN_ENV = "SDGRAPH_AUTH_TOKEN"
