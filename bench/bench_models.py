@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_progress: Callable[[dict], None] = lambda report: None) -> dict:
+    """Every part asked for; `on_progress` gets the report so far after each part."""
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if on_cuda else "fp32")]
@@ -75,28 +77,34 @@ def run(args: argparse.Namespace) -> dict:
     families = (args.families or ("sd15,sdxl" if on_cuda or args.tiny else "sd15")).split(",")
     batches = args.batches or ([1, 2, 8] if on_cuda or args.tiny else [1, 2])
     rows: list[Row] = []
+    report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
+              "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "tiny": args.tiny, "runs": runs, "results": []}
+
+    def done(new_rows: list[Row]) -> None:
+        rows.extend(new_rows)
+        report["results"] = [row.as_json() for row in rows]
+        on_progress(report)
+        _release(device)
+
     if "unet" in parts:
         table = TINY_UNET_FAMILIES if args.tiny else UNET_FAMILIES
         for name in families:
             family = table[name]
-            if args.latent and not args.tiny:
-                family = type(family)(family.name, family.config, args.latent * (2 if name == "sdxl" else 1))
-            rows += bench_unet(family, batches, device, dtype, runs, args.compile, args.stream)
-            _release(device)
+            latent = args.latent or (64 if on_cuda else 32)
+            if not args.tiny:
+                family = type(family)(family.name, family.config, latent * (2 if name == "sdxl" else 1))
+            done(bench_unet(family, batches, device, dtype, runs, args.compile, args.stream))
     if "vae" in parts:
         sizes = args.vae_sizes or ([64, 128] if args.tiny else [512, 1024] if on_cuda else [256])
         config = VAE_CONFIGS["tiny" if args.tiny else "full"]
-        rows += bench_vae_decode(config, [size // 8 for size in sizes], device, dtype, runs)
-        _release(device)
+        done(bench_vae_decode(config, [size // 8 for size in sizes], device, dtype, runs))
     if "txt2img" in parts:
         side = args.txt2img_size or (64 if args.tiny else 512 if on_cuda else 256)
-        rows += bench_txt2img(device, dtype, side, args.steps, runs if on_cuda else min(runs, 3), args.tiny)
-        _release(device)
+        done(bench_txt2img(device, dtype, side, args.steps, runs if on_cuda else min(runs, 3), args.tiny))
     if "sampler" in parts:
-        rows.append(bench_sampler_loop(device, args.steps, runs))
-    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
-            "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "tiny": args.tiny, "runs": runs, "results": [row.as_json() for row in rows]}
+        done([bench_sampler_loop(device, args.steps, runs)])
+    return report
 
 
 def _release(device: torch.device) -> None:
@@ -125,15 +133,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to()
-    report = run(args)
-    print(format_table(report))
     out = args.out
     if out is None:
-        dtype_name = next(name for name, value in DTYPES.items() if str(value) == report["dtype"])
+        dtype_name = args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")
         suffix = "-tiny" if args.tiny else ""
         out = Path(__file__).resolve().parent / "results" / f"models-{args.device}-{dtype_name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+
+    def save(report: dict) -> None:
+        # Written after every part, so a run cut short by a time limit keeps what it measured.
+        out.write_text(json.dumps(report, indent=2))
+        print(format_table(report), flush=True)
+
+    report = run(args, save)
     print(f"written {out}")
     if args.max_error is not None:
         worst = [(row["work"], name, error) for row in report["results"]
