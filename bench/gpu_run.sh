@@ -2,9 +2,17 @@
 # The whole GPU table in one go (about 5 minutes on an H100/H200; every step has its own time limit so the
 # total stays under 8): correctness on the device first, then the timings, then the opt-in compile.
 #   bench/gpu_run.sh [PYTHON]        results: bench/results/models-cuda-fp16*.json and gpu_run.log
+# Wheels in .whl/ (diffusers and what the image lacks: bench/README.md) are installed first; with $OUT set
+# (the device tool), the results are copied there too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${1:-.venv/bin/python}"
+PYTHON="${1:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 LOG=bench/results/gpu_run.log
 mkdir -p bench/results
 status=0
@@ -26,4 +34,7 @@ run 300 "$PYTHON" bench/bench_models.py --device cuda --runs 30 --stream --max-e
 run 150 "$PYTHON" bench/bench_models.py --device cuda --runs 30 --only unet --families sd15 --batches 2 \
     --compile "${SDGRAPH_BENCH_COMPILE_MODE:-default}" --max-error 1e-2 \
     --out bench/results/models-cuda-fp16-compiled.json
+if [ -n "${OUT:-}" ]; then
+    cp bench/results/models-cuda-fp16*.json "$LOG" "$OUT"/ 2>/dev/null
+fi
 exit $status
