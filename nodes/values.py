@@ -102,10 +102,14 @@ class ModelHandle:
     #: the checkpoint's own VAE; an inpainting model's masked image when nothing is masked. None: not known.
     inpaint_blank_latent: Tensor | None = None
 
+    #: False on handles made by `with_*` from another: they share its weights, which the cache's byte budget
+    #: must count once (on the loader's output), not once per LoRA or clip-skip node downstream.
+    owns_weights: bool = True
+
     @property
     def nbytes(self) -> int:
-        """For the executor's cache budget: the weights this handle keeps alive."""
-        return weight_bytes(self.unet)
+        """For the executor's cache budget: the weights this handle keeps alive (0 if shared, see above)."""
+        return weight_bytes(self.unet) if self.owns_weights else 0
 
     @property
     def concat_channels(self) -> int:
@@ -117,7 +121,7 @@ class ModelHandle:
         return max(0, in_channels - out_channels)
 
     def with_patches(self, extra: Mapping[str, WeightPatch]) -> ModelHandle:
-        return replace(self, patches=merge_patches(self.patches, extra))
+        return replace(self, patches=merge_patches(self.patches, extra), owns_weights=False)
 
     @contextmanager
     def sampling_model(self, manager: ModelManager | None = None) -> Iterator[SamplingModel]:
@@ -133,15 +137,17 @@ class ClipHandle:
     text: SDTextEncoder
     patches: PatchSet = field(default_factory=dict)
 
+    owns_weights: bool = True  # as ModelHandle.owns_weights
+
     @property
     def nbytes(self) -> int:
-        return weight_bytes(self.text.encoder)
+        return weight_bytes(self.text.encoder) if self.owns_weights else 0
 
     def with_layer(self, layer: int) -> ClipHandle:
-        return replace(self, text=self.text.with_layer(layer))
+        return replace(self, text=self.text.with_layer(layer), owns_weights=False)
 
     def with_patches(self, extra: Mapping[str, WeightPatch]) -> ClipHandle:
-        return replace(self, patches=merge_patches(self.patches, extra))
+        return replace(self, patches=merge_patches(self.patches, extra), owns_weights=False)
 
     def encode(self, prompt: str, manager: ModelManager | None = None) -> tuple[Tensor, Tensor]:
         """(cond [1, 77k, C], pooled) in float32 on the CPU, whatever device the encoder ran on."""
