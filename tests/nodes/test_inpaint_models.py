@@ -28,6 +28,7 @@ from diffusion.inpaint import grey_image_latent, inpaint_concat
 from diffusion.sampling import sample_custom
 from diffusion.sampling.noise import initial_noise
 from diffusion.tiny_models import write_tiny_checkpoint, write_tiny_diffusers_folder
+from engine import RunSettings
 from nodes.conditioning import CLIPTextEncode
 from nodes.latent import EmptyLatentImage
 from nodes.loaders import CheckpointLoaderSimple
@@ -41,11 +42,15 @@ ONE_LEVEL = 1.0 / 255.0
 
 
 @pytest.fixture(scope="module")
-def settings(node_settings):
-    folder = node_settings.models_dir / "checkpoints" / FOLDER
-    if not folder.exists():
-        write_tiny_diffusers_folder(folder, "sd1", seed=5, inpaint=True)
-    return node_settings
+def settings(tmp_path_factory) -> RunSettings:
+    """A tree of this module's own, so the shared node tree's checkpoint list stays as other tests expect."""
+    base = tmp_path_factory.mktemp("inpaint_tree")
+    folders = {name: base / name for name in ("models", "input", "output", "temp")}
+    for folder in folders.values():
+        folder.mkdir()
+    write_tiny_diffusers_folder(folders["models"] / "checkpoints" / FOLDER, "sd1", seed=5, inpaint=True)
+    return RunSettings(models_dir=folders["models"], input_dir=folders["input"], output_dir=folders["output"],
+                       temp_dir=folders["temp"], device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +154,14 @@ def test_an_inpainting_checkpoint_gives_a_model_with_five_concat_channels_and_it
     assert torch.allclose(model.inpaint_blank_latent, grey, atol=1e-6)
 
 
-def test_the_grey_latent_comes_from_the_checkpoints_own_vae(node_settings, make_context):
-    checkpoints = node_settings.models_dir / "checkpoints"
+def test_the_grey_latent_comes_from_the_checkpoints_own_vae(fresh_settings, make_context):
+    checkpoints = fresh_settings.models_dir / "checkpoints"
+    checkpoints.mkdir()
     blanks = []
     for seed in (1, 2):
         name = f"tiny-inpaint-seed{seed}.safetensors"
-        if not (checkpoints / name).exists():
-            write_tiny_checkpoint(checkpoints / name, "sd1", seed=seed, inpaint=True)
-        model, _, vae = CheckpointLoaderSimple(name, context=make_context(node_settings))
+        write_tiny_checkpoint(checkpoints / name, "sd1", seed=seed, inpaint=True)
+        model, _, vae = CheckpointLoaderSimple(name, context=make_context(fresh_settings))
         assert torch.allclose(model.inpaint_blank_latent, grey_image_latent(vae.vae))
         blanks.append(model.inpaint_blank_latent)
     assert (blanks[0] - blanks[1]).abs().max() > 1e-3
