@@ -121,7 +121,8 @@ class CudaGraphBackend:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA work on another thread (the server's previews) must not void this capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = step()
         return graph.replay, output
 
