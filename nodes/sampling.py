@@ -5,7 +5,10 @@ The decomposed family passes small values between nodes: NOISE (`Noise`), SAMPLE
 (`Guider`) and SIGMAS (a 1-D float32 tensor, descending, usually ending in 0). Every sampler node takes a
 LATENT dict, runs the model on the compute device (nodes/runtime.py) in float32 and returns a new LATENT
 dict whose `samples` are float32 on the CPU; the other keys (`noise_mask`, `batch_index`, ...) are copied.
-`noise_mask` makes the run inpaint and `batch_index` picks each item's noise (diffusion/sampling/sample.py).
+`noise_mask` makes the run inpaint and `batch_index` picks each item's noise (diffusion/sampling/sample.py);
+on an inpainting checkpoint (9-channel UNet) the noise mask and the latent are also the model's extra input
+channels, and without a noise mask it sees an all-ones mask and the checkpoint's grey-image latent
+(diffusion/inpaint.py).
 
 A sampler loop out of nodes (our own, category "sampling/custom"): `InitialNoisyLatent` noises a latent to
 sigmas[0] exactly as the samplers start (from pure noise the noise is scaled by sqrt(1 + sigma^2), 8.4),
