@@ -98,7 +98,12 @@ class _Recorder(TorchFunctionMode):
         if read is None:
             return func(*args, **kwargs)
         self.found.append(HostSync(read, _project_site()))
-        if "(" in read:  # a copy: meta tensors copy fine, and real ones must really be copied
+        if read in ("to(cpu)", "copy_(cpu)"):
+            source = args[0] if read == "to(cpu)" else args[1]
+            if source.device.type == "meta":  # a meta tensor has no data to copy out
+                stand_in = _stand_in("cpu", source)
+                return stand_in if read == "to(cpu)" else args[0].copy_(stand_in)
+        if "(" in read:  # an upload: meta tensors take one fine, and real copies must really happen
             return func(*args, **kwargs)
         if args[0].device.type == "meta":
             return _stand_in(read, args[0])

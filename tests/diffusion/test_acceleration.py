@@ -444,10 +444,12 @@ def test_a_unet_step_reads_nothing_back_to_the_host():
     assert found == []
 
 
-def test_the_sync_recorder_sees_an_item_and_an_upload():
+def test_the_sync_recorder_sees_an_item_an_upload_and_a_download():
     x = torch.zeros(3, device="meta")
     with record_host_syncs() as found:
         value = x.sum().item()
         torch.ones(3).to("meta")
-    assert value == 0.5 and [sync.read for sync in found] == ["item", "to(meta) from host"]
+        downloaded = x.to("cpu")
+    assert value == 0.5 and downloaded.tolist() == [0.5] * 3
+    assert [sync.read for sync in found] == ["item", "to(meta) from host", "to(cpu)"]
     assert found[0].site.startswith("tests/diffusion/test_acceleration.py:")
