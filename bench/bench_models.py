@@ -129,6 +129,12 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def errors_over(report: dict, limit: float) -> list[tuple[str, str, float]]:
+    """(work, variant, error) for every variant further than `limit` from the reference (NaN included)."""
+    return [(row["work"], name, error) for row in report["results"]
+            for name, error in row["max_relative_error"].items() if not error <= limit]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
@@ -148,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(args, save)
     print(f"written {out}")
     if args.max_error is not None:
-        worst = [(row["work"], name, error) for row in report["results"]
-                 for name, error in row["max_relative_error"].items() if not error <= args.max_error]
+        worst = errors_over(report, args.max_error)
         for work, name, error in worst:
             print(f"ERROR {work}: {name} is {error:.2e} from the reference (allowed {args.max_error:g})")
         if worst:

@@ -15,10 +15,15 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_models.py"
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def script():
     spec = importlib.util.spec_from_file_location("bench_models_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(script, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     argv = ["--device", "cpu", "--tiny", "--runs", "1", "--batches", "2", "--vae-sizes", "64",
             "--txt2img-size", "64", "--steps", "2", "--stream", "--out", str(out)]
@@ -63,3 +68,9 @@ def test_the_checkpoint_load_and_sampler_loop_are_timed(report):
     (load,) = _rows(written, "load ")
     (loop,) = _rows(written, "2-step KSampler")
     assert load["ms"]["ours"] > 0 and loop["ms"]["ours"] > 0 and loop["ms"]["reference"] > 0
+
+
+def test_max_error_names_every_variant_past_the_limit_nan_included(script):
+    report = {"results": [{"work": "a", "max_relative_error": {"ours": 1e-3, "ours_plain": 1e-6}},
+                          {"work": "b", "max_relative_error": {"ours": float("nan")}}]}
+    assert [(work, name) for work, name, _ in script.errors_over(report, 1e-4)] == [("a", "ours"), ("b", "ours")]
