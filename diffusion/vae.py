@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -298,28 +299,44 @@ class AutoencoderKL(nn.Module):
         if not 0 <= overlap < tile:
             raise ValueError(f"decode_tiled needs 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
         factor = self.config.downscale_factor
-        batch, _, height, width = latent.shape
-        shape = (batch, self.config.out_channels, height * factor, width * factor)
-        pixels = torch.zeros(shape, dtype=torch.float32, device=latent.device)
-        weight = torch.zeros(shape[-2:], dtype=torch.float32, device=latent.device)
-        for top in _tile_starts(height, tile, overlap):
-            rows = _ramp(top, min(tile, height), height, overlap, factor, latent.device)
-            for left in _tile_starts(width, tile, overlap):
-                cols = _ramp(left, min(tile, width), width, overlap, factor, latent.device)
-                piece = latent[:, :, top : top + tile, left : left + tile]
-                mask = rows[:, None] * cols[None, :]
-                region = (
-                    slice(top * factor, top * factor + mask.shape[0]),
-                    slice(left * factor, left * factor + mask.shape[1]),
-                )
-                pixels[(..., *region)] += self._decode_full(piece).float() * mask
-                weight[region] += mask
-        return (pixels / weight).to(latent.dtype)
+        blended = blend_tiles(self._decode_full, latent, tuple(latent.shape[-2:]), tile, overlap, 1, factor,
+                              self.config.out_channels)
+        return blended.to(latent.dtype)
 
     @property
     def latent_format(self) -> LatentFormat:
         """How this VAE's raw latents map into the denoiser's space (and back)."""
         return LatentFormat(self.config.scale_factor, self.config.shift_factor)
+
+
+def blend_tiles(run: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor, grid: tuple[int, int], tile: int,
+                overlap: int,
+                source_scale: int, result_scale: int, result_channels: int,
+                on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run `run` on overlapping tiles of `source` and blend the results with linear ramps over the overlaps.
+
+    Tiles are laid out on the latent grid (`grid` = latent height, width; `tile` and `overlap` in latent
+    pixels); one latent pixel is `source_scale` pixels of `source` and `result_scale` of the result (8 and 1
+    to encode, 1 and 8 to decode). `on_tile(done, total)`, if given, is called after each tile (progress)."""
+    height, width = grid
+    batch, device = source.shape[0], source.device
+    blended = torch.zeros(batch, result_channels, height * result_scale, width * result_scale, device=device)
+    weight = torch.zeros(height * result_scale, width * result_scale, device=device)
+    tops, lefts = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
+    for row, top in enumerate(tops):
+        rows = _ramp(top, min(tile, height), height, overlap, result_scale, device)
+        for column, left in enumerate(lefts):
+            cols = _ramp(left, min(tile, width), width, overlap, result_scale, device)
+            piece = source[..., top * source_scale : (top + tile) * source_scale,
+                           left * source_scale : (left + tile) * source_scale]
+            mask = rows[:, None] * cols[None, :]
+            region = (slice(top * result_scale, top * result_scale + mask.shape[0]),
+                      slice(left * result_scale, left * result_scale + mask.shape[1]))
+            blended[(..., *region)] += run(piece).float() * mask
+            weight[region] += mask
+            if on_tile is not None:
+                on_tile(row * len(lefts) + column + 1, len(tops) * len(lefts))
+    return blended / weight
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion.vae import AutoencoderKL, _ramp, _tile_starts
+from diffusion.vae import AutoencoderKL, blend_tiles
 from engine import ExecutionContext, Int, Socket, node
 from nodes.latent import check_mask_batch, check_same_aspect, latent_samples, mask_batch
 from nodes.runtime import model_manager
@@ -142,34 +142,6 @@ def VAEDecode(
         # A decode too large for the device memory retries in tiles (diffusion/vae.py), as ComfyUI does.
         decoded = autoencoder.decode(latent.to(device, autoencoder.dtype), tiled_fallback=True)
         return (_to_image(decoded),)
-
-
-def blend_tiles(run: Callable[[Tensor], Tensor], source: Tensor, grid: tuple[int, int], tile: int, overlap: int,
-                source_scale: int, result_scale: int, result_channels: int,
-                on_tile: Callable[[int, int], None]) -> Tensor:
-    """Run `run` on overlapping tiles of `source` and blend the results with linear ramps over the overlaps.
-
-    Tiles are laid out on the latent grid (`grid` = latent height, width; `tile` and `overlap` in latent
-    pixels); one latent pixel is `source_scale` pixels of `source` and `result_scale` of the result (8 and 1
-    to encode, 1 and 8 to decode). `on_tile(done, total)` is called after each tile."""
-    height, width = grid
-    batch, device = source.shape[0], source.device
-    blended = torch.zeros(batch, result_channels, height * result_scale, width * result_scale, device=device)
-    weight = torch.zeros(height * result_scale, width * result_scale, device=device)
-    tops, lefts = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
-    for row, top in enumerate(tops):
-        rows = _ramp(top, min(tile, height), height, overlap, result_scale, device)
-        for column, left in enumerate(lefts):
-            cols = _ramp(left, min(tile, width), width, overlap, result_scale, device)
-            piece = source[..., top * source_scale : (top + tile) * source_scale,
-                           left * source_scale : (left + tile) * source_scale]
-            mask = rows[:, None] * cols[None, :]
-            region = (slice(top * result_scale, top * result_scale + mask.shape[0]),
-                      slice(left * result_scale, left * result_scale + mask.shape[1]))
-            blended[(..., *region)] += run(piece).float() * mask
-            weight[region] += mask
-            on_tile(row * len(lefts) + column + 1, len(tops) * len(lefts))
-    return blended / weight
 
 
 def latent_tiling(tile_size: int, overlap: int, factor: int) -> tuple[int, int]:

@@ -11,8 +11,9 @@ from diffusion.tiny_models import write_tiny_diffusers_folder
 from engine import ExecutionContext, Executor, NodeResult, Socket, node
 from engine.events import Progress
 from nodes.values import VaeHandle
+from diffusion.vae import blend_tiles
 from nodes.vae import (VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, VAEEncodeTiled, latent_tiling,
-                       blend_tiles, grow_mask)
+                       grow_mask)
 
 
 @pytest.fixture(scope="module")
