@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import PurePosixPath
 from typing import Any, Mapping
 
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from engine import Combo, ExecutionContext, Float, Hidden, Int, NodeResult, RunSettings, Socket, String, node
 from engine.paths import UnsafePathError, list_files, resolve_inside
-from nodes.image import _check_prefix, _next_counter, expand_filename_prefix
+from nodes.image import _check_prefix, _next_counter, expand_filename_prefix, repeat_to_batch
 from nodes.latent import LATENT_SCALE, MAX_RESOLUTION, latent_samples, upscale_samples
 
 ROTATIONS = ["none", "90 degrees", "180 degrees", "270 degrees"]
@@ -41,13 +40,6 @@ def _check_channels(reference: Tensor, other: Tensor, name: str, reference_name:
     if other.shape[1] != reference.shape[1]:
         raise ValueError(f"{name}: {other.shape[1]}-channel latents cannot be combined with {reference_name}'s "
                          f"{reference.shape[1]} channels (latents of different model families)")
-
-
-def repeat_to_batch(samples: Tensor, batch: int) -> Tensor:
-    """`samples` repeated cyclically (or cut) to `batch` items, ComfyUI's repeat_to_batch_size."""
-    if samples.shape[0] < batch:
-        samples = samples.repeat(math.ceil(batch / samples.shape[0]), *([1] * (samples.dim() - 1)))
-    return samples[:batch]
 
 
 def fit_to(reference: Tensor, other: Tensor, name: str, reference_name: str, *, method: str = "bilinear",
@@ -236,12 +228,18 @@ def SaveLatent(samples: Socket("LATENT"), filename_prefix: String("latents/Comfy
         raise ValueError(f"filename_prefix: {problem}; it must name a file inside the output folder") from None
     folder.mkdir(parents=True, exist_ok=True)
     filename = relative.name if relative.name != "." else ""
-    counter = _next_counter(folder, filename)
-    while (folder / f"{filename}_{counter:05}_{LATENT_EXTENSION}").exists():
-        counter += 1
-    name = f"{filename}_{counter:05}_{LATENT_EXTENSION}"
     tensors = {"latent_tensor": tensor.detach().cpu().contiguous(), FORMAT_VERSION_KEY: torch.tensor([])}
-    safetensors.torch.save_file(tensors, str(folder / name), metadata=_safetensors_metadata(prompt, extra_pnginfo))
+    content = safetensors.torch.save(tensors, metadata=_safetensors_metadata(prompt, extra_pnginfo))
+    counter = _next_counter(folder, filename)
+    while True:
+        name = f"{filename}_{counter:05}_{LATENT_EXTENSION}"
+        counter += 1
+        try:
+            with open(folder / name, "xb") as target:  # never overwrite: another run may be saving too
+                target.write(content)
+            break
+        except FileExistsError:
+            continue
     return NodeResult(ui={"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]})
 
 

@@ -276,3 +276,20 @@ def test_saved_latent_loads_back_through_the_executor(fresh_settings):
     assert resaved.status == "success", resaved.error
     again = safetensors.torch.load_file(fresh_settings.output_dir / "again_00001_.latent")
     assert torch.equal(again["latent_tensor"], values * 2)
+
+
+def test_save_latent_counts_past_every_file_of_its_prefix(fresh_settings, make_context):
+    folder = fresh_settings.output_dir
+    (folder / "clash_00001_.png").write_bytes(b"image")
+    (folder / "clash_00002_.latent").write_bytes(b"kept")
+    result = SaveLatent(_latent(GRID), "clash", None, None, context=make_context(fresh_settings))
+    assert result.ui["latents"][0]["filename"] == "clash_00003_.latent"
+
+
+def test_save_latent_skips_a_name_taken_since_the_count_and_never_overwrites(fresh_settings, make_context,
+                                                                           monkeypatch):
+    monkeypatch.setattr("nodes.latent_ops._next_counter", lambda folder, filename: 1)
+    (fresh_settings.output_dir / "race_00001_.latent").write_bytes(b"kept")
+    result = SaveLatent(_latent(GRID), "race", None, None, context=make_context(fresh_settings))
+    assert result.ui["latents"][0]["filename"] == "race_00002_.latent"
+    assert (fresh_settings.output_dir / "race_00001_.latent").read_bytes() == b"kept"
