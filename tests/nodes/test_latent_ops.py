@@ -293,3 +293,12 @@ def test_save_latent_skips_a_name_taken_since_the_count_and_never_overwrites(fre
     result = SaveLatent(_latent(GRID), "race", None, None, context=make_context(fresh_settings))
     assert result.ui["latents"][0]["filename"] == "race_00002_.latent"
     assert (fresh_settings.output_dir / "race_00001_.latent").read_bytes() == b"kept"
+
+
+def test_a_prompt_saving_latents_outside_the_output_folder_is_invalid_before_anything_runs(fresh_settings):
+    executor = Executor(cli.load_registry([]), settings=fresh_settings)
+    result = executor.execute({
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "../../etc/x"}}})
+    assert result.status == "invalid" and result.executed == ()
+    assert "filename_prefix" in json.dumps(result.validation.node_errors["2"].to_json())
