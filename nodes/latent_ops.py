@@ -3,7 +3,8 @@ batch seed behaviour, and saving and loading `.latent` files (ComfyUI's class na
 
 Every node returns a new LATENT dict (nodes/values.py) and never writes into its input. Where two latents
 meet, the second is fitted to the first as ComfyUI does: resized (bilinear, centre crop) when its size
-differs and repeated or cut to the first's batch; only latents with different channel counts are refused.
+differs and repeated or cut to the first's batch. Latents with other channel counts (another model family)
+are refused, naming the input.
 `.latent` files are safetensors read and written only inside the input and output folders.
 """
 from __future__ import annotations
@@ -36,16 +37,12 @@ LEGACY_SCALE = 0.18215
 
 # --- fitting one latent to another ------------------------------------------------------------------------
 
-def _check_channels(reference: Tensor, other: Tensor, name: str, reference_name: str) -> None:
-    if other.shape[1] != reference.shape[1]:
-        raise ValueError(f"{name}: {other.shape[1]}-channel latents cannot be combined with {reference_name}'s "
-                         f"{reference.shape[1]} channels (latents of different model families)")
-
-
 def fit_to(reference: Tensor, other: Tensor, name: str, reference_name: str, *, method: str = "bilinear",
            repeat_batch: bool = True) -> Tensor:
     """`other` at `reference`'s size (resized with a centre crop) and, with repeat_batch, its batch."""
-    _check_channels(reference, other, name, reference_name)
+    if other.shape[1] != reference.shape[1]:
+        raise ValueError(f"{name}: {other.shape[1]}-channel latents cannot be combined with {reference_name}'s "
+                         f"{reference.shape[1]} channels (latents of different model families)")
     if other.shape[-2:] != reference.shape[-2:]:
         other = upscale_samples(other, reference.shape[3], reference.shape[2], method, "center")
     if repeat_batch:
