@@ -119,7 +119,7 @@ def LoadImageMask(image: Combo(input_images, image_upload=True), channel: Combo(
 
 # --- saving -----------------------------------------------------------------------------------------------
 
-def _check_prefix(constants: Mapping[str, Any]) -> str | None:
+def check_filename_prefix(constants: Mapping[str, Any]) -> str | None:
     prefix = constants.get("filename_prefix")
     if not isinstance(prefix, str):
         return None
@@ -197,7 +197,7 @@ def _metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
     return info
 
 
-def _next_counter(folder: Path, filename: str) -> int:
+def next_file_counter(folder: Path, filename: str) -> int:
     """One past the highest counter among `{filename}_NNNNN_*` files (ComfyUI's numbering), else 1."""
     pattern = re.compile(re.escape(filename).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_")
     counters = [int(match.group(1)) for entry in folder.iterdir() if (match := pattern.match(entry.name))] \
@@ -221,7 +221,7 @@ def save_images(images: Any, root: Path, prefix: str, folder_type: str, compress
     folder.mkdir(parents=True, exist_ok=True)
     filename = relative.name if relative.name != "." else ""
     metadata = _metadata(prompt, extra_pnginfo)
-    counter = _next_counter(folder, filename)
+    counter = next_file_counter(folder, filename)
     saved = []
     for batch_number, image in enumerate(batch):
         picture = _pixels(image)
@@ -238,7 +238,7 @@ def save_images(images: Any, root: Path, prefix: str, folder_type: str, compress
     return saved
 
 
-@node(category="image", output_node=True, validate=_check_prefix,
+@node(category="image", output_node=True, validate=check_filename_prefix,
       description="Save the images to the output folder as PNG files carrying the workflow.")
 def SaveImage(images: Socket("IMAGE", tooltip="The images to save."),
               filename_prefix: String("ComfyUI", tooltip="The prefix for the file to save. This may include "

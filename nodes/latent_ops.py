@@ -22,7 +22,7 @@ from torch import Tensor
 
 from engine import Combo, ExecutionContext, Float, Hidden, Int, NodeResult, RunSettings, Socket, String, node
 from engine.paths import UnsafePathError, list_files, resolve_inside
-from nodes.image import _check_prefix, _next_counter, expand_filename_prefix, repeat_to_batch
+from nodes.image import check_filename_prefix, next_file_counter, expand_filename_prefix, repeat_to_batch
 from nodes.latent import LATENT_SCALE, MAX_RESOLUTION, latent_samples, upscale_samples
 
 ROTATIONS = ["none", "90 degrees", "180 degrees", "270 degrees"]
@@ -209,7 +209,7 @@ def _safetensors_metadata(prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
     return metadata
 
 
-@node(category="_for_testing", output_node=True, validate=_check_prefix)
+@node(category="_for_testing", output_node=True, validate=check_filename_prefix)
 def SaveLatent(samples: Socket("LATENT"), filename_prefix: String("latents/ComfyUI"),
                prompt: Hidden("PROMPT"), extra_pnginfo: Hidden("EXTRA_PNGINFO"), *,
                context: ExecutionContext) -> NodeResult:
@@ -227,7 +227,7 @@ def SaveLatent(samples: Socket("LATENT"), filename_prefix: String("latents/Comfy
     filename = relative.name if relative.name != "." else ""
     tensors = {"latent_tensor": tensor.detach().cpu().contiguous(), FORMAT_VERSION_KEY: torch.tensor([])}
     content = safetensors.torch.save(tensors, metadata=_safetensors_metadata(prompt, extra_pnginfo))
-    counter = _next_counter(folder, filename)
+    counter = next_file_counter(folder, filename)
     while True:
         name = f"{filename}_{counter:05}_{LATENT_EXTENSION}"
         counter += 1

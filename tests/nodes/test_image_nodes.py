@@ -146,7 +146,7 @@ def test_save_image_numbers_files_after_the_highest_existing_counter(fresh_setti
 
 def test_save_image_never_overwrites_a_file_that_appeared_meanwhile(fresh_settings, make_context, monkeypatch):
     (fresh_settings.output_dir / "race_00001_.png").write_bytes(b"another run's image")
-    monkeypatch.setattr("nodes.image._next_counter", lambda folder, filename: 1)  # as if it landed after the scan
+    monkeypatch.setattr("nodes.image.next_file_counter", lambda folder, filename: 1)  # as if it landed after the scan
     result = SaveImage(torch.rand(1, 4, 4, 3), "race", None, None, context=make_context(fresh_settings))
     assert result.ui["images"][0]["filename"] == "race_00002_.png"
     assert (fresh_settings.output_dir / "race_00001_.png").read_bytes() == b"another run's image"

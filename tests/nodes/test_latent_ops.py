@@ -288,7 +288,7 @@ def test_save_latent_counts_past_every_file_of_its_prefix(fresh_settings, make_c
 
 def test_save_latent_skips_a_name_taken_since_the_count_and_never_overwrites(fresh_settings, make_context,
                                                                            monkeypatch):
-    monkeypatch.setattr("nodes.latent_ops._next_counter", lambda folder, filename: 1)
+    monkeypatch.setattr("nodes.latent_ops.next_file_counter", lambda folder, filename: 1)
     (fresh_settings.output_dir / "race_00001_.latent").write_bytes(b"kept")
     result = SaveLatent(_latent(GRID), "race", None, None, context=make_context(fresh_settings))
     assert result.ui["latents"][0]["filename"] == "race_00002_.latent"
