@@ -29,33 +29,40 @@ FILTERS_CATEGORY = "image/filters"
 
 # --- blur and sharpen -------------------------------------------------------------------------------------
 
-def gaussian_kernel(radius: int, sigma: float) -> Tensor:
-    """The normalised (2r+1)^2 Gaussian with its taps spaced evenly over [-1, 1], not one pixel apart:
-    ComfyUI's kernel, so `sigma` is relative to the radius (sigma 1 is nearly flat at any radius)."""
+def gaussian_taps(radius: int, sigma: float) -> Tensor:
+    """The normalised 1D Gaussian of 2r+1 taps spaced evenly over [-1, 1], not one pixel apart: ComfyUI's
+    spacing, so `sigma` is relative to the radius (sigma 1 is nearly flat at any radius)."""
     taps = torch.linspace(-1.0, 1.0, 2 * radius + 1, dtype=torch.float64)
-    squared_distance = taps.unsqueeze(1) ** 2 + taps.unsqueeze(0) ** 2
-    weights = torch.exp(-squared_distance / (2.0 * sigma * sigma))
-    return (weights / weights.sum()).float()
+    weights = torch.exp(-taps * taps / (2.0 * sigma * sigma))
+    return weights / weights.sum()
 
 
-def convolve_reflected(image: Tensor, kernel: Tensor, radius: int, input_name: str) -> Tensor:
-    """Each channel of [B, H, W, C] convolved with the square `kernel`, the edges mirrored (reflect padding,
-    which needs the image larger than the radius on both sides)."""
+def gaussian_kernel(radius: int, sigma: float) -> Tensor:
+    """ComfyUI's square blur kernel, exp(-(x^2 + y^2) / 2 sigma^2) normalised: the outer product of the 1D
+    taps, which is why the blur can run as two 1D passes."""
+    taps = gaussian_taps(radius, sigma)
+    return torch.outer(taps, taps).float()
+
+
+def gaussian_blur(image: Tensor, radius: int, sigma: float, input_name: str) -> Tensor:
+    """Each channel of [B, H, W, C] blurred by the (2r+1)^2 Gaussian, the edges mirrored (reflect padding,
+    which needs the image larger than the radius on both sides); two 1D passes, (2r+1) times cheaper."""
     height, width, channels = image.shape[1:]
     if radius >= height or radius >= width:
         raise ValueError(f"{input_name}: a radius of {radius} needs an image of at least {radius + 1} pixels "
                          f"on each side, got {width}x{height}")
     channels_first = F.pad(image.float().movedim(-1, 1), (radius, radius, radius, radius), mode="reflect")
-    weights = kernel.to(channels_first.dtype).expand(channels, 1, *kernel.shape)
-    return F.conv2d(channels_first, weights, groups=channels).movedim(1, -1)
+    taps = gaussian_taps(radius, sigma).float()
+    across = F.conv2d(channels_first, taps.reshape(1, 1, 1, -1).expand(channels, -1, -1, -1), groups=channels)
+    down = F.conv2d(across, taps.reshape(1, 1, -1, 1).expand(channels, -1, -1, -1), groups=channels)
+    return down.movedim(1, -1)
 
 
 @node(category=FILTERS_CATEGORY, outputs=["IMAGE"], display_name="Blur Image")
 def ImageBlur(image: Socket("IMAGE"), blur_radius: Int(1, min=1, max=31, step=1),
               sigma: Float(1.0, min=0.1, max=10.0, step=0.1)) -> tuple:
     """Gaussian blur over a (2 * blur_radius + 1) square, edges mirrored."""
-    image = image_batch(image, "image")
-    return (convolve_reflected(image, gaussian_kernel(blur_radius, sigma), blur_radius, "blur_radius"),)
+    return (gaussian_blur(image_batch(image, "image"), blur_radius, sigma, "blur_radius"),)
 
 
 @node(category=FILTERS_CATEGORY, outputs=["IMAGE"], display_name="Sharpen Image")
@@ -65,11 +72,10 @@ def ImageSharpen(image: Socket("IMAGE"), sharpen_radius: Int(1, min=1, max=31, s
     """Unsharp masking: the image plus 10 * alpha times its difference from its Gaussian blur, clamped to
     0..1 (a flat area stays as it is)."""
     image = image_batch(image, "image")
-    kernel = gaussian_kernel(sharpen_radius, sigma) * -(alpha * 10.0)
-    # The centre tap takes what makes the kernel sum to 1, so the mean brightness is kept.
-    kernel[sharpen_radius, sharpen_radius] += 1.0 - kernel.sum()
-    sharpened = convolve_reflected(image, kernel, sharpen_radius, "sharpen_radius")
-    return (sharpened.clamp(0.0, 1.0),)
+    # ComfyUI's kernel, -10 alpha G with its centre raised until it sums to 1, is this difference.
+    blurred = gaussian_blur(image, sharpen_radius, sigma, "sharpen_radius")
+    amount = alpha * 10.0
+    return (((1.0 + amount) * image.float() - amount * blurred).clamp(0.0, 1.0),)
 
 
 # --- blending ---------------------------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def bayer_thresholds(order: int) -> Tensor:
     return (index + 0.5) / (order * order) - 0.5
 
 
-def _bayer_dithered(picture: Image.Image, palette: Image.Image, order: int) -> Image.Image:
+def bayer_dithered(picture: Image.Image, palette: Image.Image, order: int) -> Image.Image:
     """Ordered dithering: each pixel nudged by its threshold, scaled to twice the palette's spacing on a
     0..255 scale, then mapped to the nearest palette colour."""
     palette_size = len(palette.getpalette()) // 3
@@ -153,7 +159,7 @@ def quantize_picture(rgb: Tensor, colors: int, dither: str) -> Tensor:
     # the dither choice (Pillow issue 5836).
     palette = picture.quantize(colors=colors)
     if dither.startswith("bayer-"):
-        quantized = _bayer_dithered(picture, palette, int(dither.split("-")[1]))
+        quantized = bayer_dithered(picture, palette, int(dither.split("-")[1]))
     else:
         method = Image.Dither.FLOYDSTEINBERG if dither == "floyd-steinberg" else Image.Dither.NONE
         quantized = picture.quantize(palette=palette, dither=method)
@@ -197,10 +203,9 @@ def _edge_ramp(size: int, start: int, end: int) -> Tensor:
     lands on position 0, so the outermost far position gets 2 / end and position 0 an extra 1 / end."""
     factors = torch.ones(size, dtype=torch.float64)
     start, end = min(start, size), min(end, size)
-    for step in range(start):
-        factors[step] *= (step + 1) / start
-    for step in range(end):
-        factors[-step] *= (step + 1) / end
+    factors[:start] *= torch.arange(1, start + 1, dtype=torch.float64) / max(start, 1)
+    far_steps = torch.arange(end)
+    factors[(-far_steps) % size] *= (far_steps + 1).double() / max(end, 1)
     return factors
 
 

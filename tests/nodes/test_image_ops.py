@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import cli
 
 from nodes.image_ops import (BLEND_MODES, DITHER_METHODS, FeatherMask, ImageBlend, ImageBlur, ImageFlip,
-                             ImageQuantize, ImageRotate, ImageSharpen, bayer_thresholds, gaussian_kernel)
+                             ImageQuantize, ImageRotate, ImageSharpen, bayer_dithered, bayer_thresholds, gaussian_kernel)
 
 
 def flat(value: float, height: int = 4, width: int = 5, channels: int = 3, batch: int = 1) -> torch.Tensor:
@@ -37,6 +43,21 @@ def test_blur_of_a_delta_image_is_the_normalised_gaussian_kernel():
     weights = torch.tensor([[math.exp(-(x * x + y * y) / (2 * 0.25)) for x in taps] for y in taps])
     assert torch.allclose(blurred[0, 2:7, 2:7, 0], weights / weights.sum(), atol=1e-7)
     assert blurred[0, :2].abs().max() == 0 and blurred[0, :, 7:].abs().max() == 0
+
+
+@pytest.mark.parametrize("radius, sigma, alpha", [(1, 1.0, 1.0), (5, 0.3, 2.0), (12, 4.0, 0.5)])
+def test_blur_and_sharpen_equal_one_2d_convolution_by_comfyuis_kernel(radius, sigma, alpha):
+    # ComfyUI convolves once with the square kernel; sdgraph runs two 1D passes (the Gaussian separates).
+    image = torch.rand(2, 30, 40, 3, generator=torch.Generator().manual_seed(2))
+    padded = F.pad(image.movedim(-1, 1), (radius,) * 4, mode="reflect")
+    kernel = gaussian_kernel(radius, sigma)
+    sharpening = kernel * -(alpha * 10)
+    sharpening[radius, radius] += 1 - sharpening.sum()
+
+    def convolved(weights: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(padded, weights.expand(3, 1, *weights.shape), groups=3).movedim(1, -1)
+    assert torch.allclose(ImageBlur(image, radius, sigma)[0], convolved(kernel), atol=2e-6)
+    assert torch.allclose(ImageSharpen(image, radius, sigma, alpha)[0], convolved(sharpening).clamp(0, 1), atol=1e-5)
 
 
 def test_blur_mirrors_the_edges_so_a_flat_image_stays_flat_to_its_border():
@@ -118,6 +139,14 @@ def test_blend_resizes_image2_to_image1():
     assert torch.allclose(blended, flat(1 - 0.8 * 0.4, 6, 8), atol=1e-6)
 
 
+def test_blend_crops_image2_to_image1s_aspect_from_its_centre():
+    # A wide image2 whose middle half is white: cropped to image1's square from the centre it is all white.
+    image2 = flat(0.0, 4, 8)
+    image2[:, :, 2:6] = 1.0
+    (blended,) = ImageBlend(flat(0.3, 4, 4), image2, 1.0, "normal")
+    assert torch.allclose(blended, flat(1.0, 4, 4), atol=1e-6)
+
+
 def test_blend_keeps_image1s_alpha_and_gives_an_rgb_image2_an_opaque_one():
     image1 = torch.cat([flat(0.2), flat(0.25, channels=1)], dim=-1)
     (blended,) = ImageBlend(image1, flat(0.7), 1.0, "normal")
@@ -195,6 +224,16 @@ def test_bayer_2_dithers_grey_into_the_tiled_pattern():
     assert torch.equal(quantized[0, :, 2:10, 0], pattern[:, 2:10])
 
 
+def test_bayer_spreads_its_thresholds_over_twice_the_palette_spacing():
+    # Black and white: spread 2 * 256 / 2 = 256, so grey 200 plus 256 t + 0.5 is 104, 232 / 255 (clamped),
+    # 168: one pixel in four goes black (a spread of 128 would leave all four white).
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([0, 0, 0, 255, 255, 255])
+    grey = Image.new("RGB", (4, 4), (200, 200, 200))
+    dithered = torch.from_numpy(np.asarray(bayer_dithered(grey, palette, 2).convert("L"), dtype=np.float32))
+    assert torch.equal(dithered, torch.tensor([[0.0, 255.0], [255.0, 255.0]]).repeat(2, 2))
+
+
 def test_floyd_steinberg_keeps_the_average_grey_closer_than_no_dither():
     image = grey_between_black_and_white()
     (plain,) = ImageQuantize(image, 2, "none")
@@ -266,6 +305,22 @@ def test_feather_scales_a_batch_of_masks_alike():
     (feathered,) = FeatherMask(masks, 2, 0, 0, 0)
     assert torch.allclose(feathered[:, :, 0], masks[:, :, 0] * 0.5)
     assert torch.equal(feathered[:, :, 2:], masks[:, :, 2:])
+
+
+# --- schema and inputs ------------------------------------------------------------------------------------
+
+def test_the_nodes_are_registered_with_comfyuis_categories_and_input_order():
+    registry = cli.load_registry([])
+    info = {name: registry[name].object_info() for name in
+            ("ImageBlur", "ImageSharpen", "ImageBlend", "ImageQuantize", "FeatherMask", "ImageFlip", "ImageRotate")}
+    assert {name: entry["category"] for name, entry in info.items()} == {
+        "ImageBlur": "image/filters", "ImageSharpen": "image/filters", "ImageBlend": "image/filters",
+        "ImageQuantize": "image/filters", "FeatherMask": "mask", "ImageFlip": "image/transform",
+        "ImageRotate": "image/transform"}
+    assert info["ImageBlend"]["input_order"]["required"] == ["image1", "image2", "blend_factor", "blend_mode"]
+    assert info["FeatherMask"]["input_order"]["required"] == ["mask", "left", "top", "right", "bottom"]
+    assert info["ImageSharpen"]["input"]["required"]["alpha"] == ["FLOAT", {"default": 1.0, "min": 0.0,
+                                                                            "max": 5.0, "step": 0.01}]
 
 
 # --- inputs are never changed -----------------------------------------------------------------------------
