@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cli
+from engine import Executor, ResultCache
 
 from nodes.image_ops import (BLEND_MODES, DITHER_METHODS, FeatherMask, ImageBlend, ImageBlur, ImageFlip,
                              ImageQuantize, ImageRotate, ImageSharpen, bayer_dithered, bayer_thresholds, gaussian_kernel)
@@ -342,3 +343,31 @@ def test_no_node_changes_its_inputs(call):
     (result,) = call(image, mask)
     result.add_(1.0)  # a result sharing memory with an input would change it here
     assert torch.equal(image, image_before) and torch.equal(mask, mask_before)
+
+
+# --- in a workflow ----------------------------------------------------------------------------------------
+
+def test_a_quarter_turn_then_a_mirror_saves_the_transposed_picture(fresh_settings):
+    pixels = np.random.default_rng(4).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(fresh_settings.input_dir / "in.png")
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+              "2": {"class_type": "ImageRotate", "inputs": {"image": ["1", 0], "rotation": "90 degrees"}},
+              "3": {"class_type": "ImageFlip", "inputs": {"image": ["2", 0], "flip_method": "y-axis: horizontally"}},
+              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "turned"}}}
+    result = Executor(cli.load_registry([]), cache=ResultCache(), settings=fresh_settings).execute(prompt)
+    assert result.ok, result.error
+    saved = fresh_settings.output_dir / result.outputs["4"]["images"][0]["filename"]
+    assert np.array_equal(np.asarray(Image.open(saved)), pixels.transpose(1, 0, 2))
+
+
+def test_an_unknown_blend_mode_is_refused_before_running_naming_the_node_and_input(fresh_settings):
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+              "2": {"class_type": "ImageBlend", "inputs": {"image1": ["1", 0], "image2": ["1", 0],
+                                                           "blend_factor": 0.5, "blend_mode": "lighten"}},
+              "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    result = Executor(cli.load_registry([]), cache=ResultCache(), settings=fresh_settings).execute(prompt)
+    assert result.status == "invalid" and not result.executed
+    errors = result.validation.to_json()["node_errors"]
+    assert list(errors) == ["2"]
+    assert [(e["type"], e["extra_info"]["input_name"]) for e in errors["2"]["errors"]] == [
+        ("value_not_in_list", "blend_mode")]
