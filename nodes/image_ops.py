@@ -141,7 +141,7 @@ def bayer_thresholds(order: int) -> Tensor:
 
 def bayer_dithered(picture: Image.Image, palette: Image.Image, order: int) -> Image.Image:
     """Ordered dithering: each pixel nudged by its threshold, scaled to twice the palette's spacing on a
-    0..255 scale, then mapped to the nearest palette colour."""
+    0..255 scale, then mapped to a palette colour by Pillow's (nearly nearest) lookup, undithered."""
     palette_size = len(palette.getpalette()) // 3
     offsets = bayer_thresholds(order) * (2 * 256 / palette_size) + 0.5
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy())
@@ -213,7 +213,8 @@ def _edge_ramp(size: int, start: int, end: int) -> Tensor:
 def FeatherMask(mask: Socket("MASK"), left: Int(0, min=0, max=MAX_RESOLUTION, step=1),
                 top: Int(0, min=0, max=MAX_RESOLUTION, step=1), right: Int(0, min=0, max=MAX_RESOLUTION, step=1),
                 bottom: Int(0, min=0, max=MAX_RESOLUTION, step=1)) -> tuple:
-    """Fade the mask linearly towards each edge over the given number of pixels (ramps meeting multiply)."""
+    """Fade the mask linearly towards each edge over the given number of pixels (ramps that meet multiply);
+    the right and bottom ramps start one pixel in, as in ComfyUI, and scale the first column or row too."""
     masks = mask_batch(mask, "mask")
     height, width = masks.shape[1:]
     rows = _edge_ramp(height, top, bottom).unsqueeze(1)
