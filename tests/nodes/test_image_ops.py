@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,9 +12,9 @@ from PIL import Image
 
 import cli
 from engine import Executor, ResultCache
-
 from nodes.image_ops import (BLEND_MODES, DITHER_METHODS, FeatherMask, ImageBlend, ImageBlur, ImageFlip,
-                             ImageQuantize, ImageRotate, ImageSharpen, bayer_dithered, bayer_thresholds, gaussian_kernel)
+                             ImageQuantize, ImageRotate, ImageSharpen, bayer_dithered, bayer_thresholds,
+                             gaussian_kernel)
 
 
 def flat(value: float, height: int = 4, width: int = 5, channels: int = 3, batch: int = 1) -> torch.Tensor:
