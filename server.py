@@ -23,6 +23,7 @@ import importlib.metadata
 import ipaddress
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -263,6 +264,9 @@ class Server:
             extra_data["client_id"] = str(body["client_id"])
         number = body.get("number")
         number = float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
+        if number is not None and not math.isfinite(number):
+            # Python's json reads NaN and 1e999; SQLite stores NaN as NULL and browsers cannot parse Infinity.
+            raise JsonError(400, "invalid_prompt", "'number' must be a finite number")
         try:
             item = self.queue.put(prompt_id or str(uuid.uuid4()), prompt, extra_data, list(validation.outputs),
                                   front=bool(body.get("front")), number=number)

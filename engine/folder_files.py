@@ -83,7 +83,9 @@ def _reencoded(path: Path, preview: str | None, channel: str) -> FileAnswer:
         quality = int(quality_text) if quality_text else 90
     except ValueError:
         raise FileRequestError(f"preview quality must be an integer, got {quality_text!r}") from None
-    pil_format, content_type, suffix = PREVIEW_ENCODINGS[kind.lower()]
+    # As ComfyUI: JPEG has no alpha channel, so an alpha preview asked for as JPEG comes as WebP.
+    pil_format, content_type, suffix = PREVIEW_ENCODINGS["webp" if channel == "a" and kind.lower() in ("jpeg", "jpg")
+                                                         else kind.lower()]
     image = _open_image(path)
     if channel == "a":  # as ComfyUI: the alpha alone, over black
         alpha = image.getchannel("A") if "A" in image.getbands() else Image.new("L", image.size, 255)

@@ -122,6 +122,13 @@ def test_view_channels_split_color_and_alpha(live_server: LiveServer) -> None:
     assert Image.open(io.BytesIO(alpha)).getpixel((0, 0)) == (0, 0, 0, 77)
 
 
+def test_view_alpha_as_a_jpeg_preview_comes_as_webp_since_jpeg_has_no_alpha(live_server: LiveServer) -> None:
+    (live_server.settings.output_dir / "rgba.png").write_bytes(png_bytes((10, 20, 30, 77), mode="RGBA"))
+    status, content, content_type = run(fetch(live_server, "filename=rgba.png&preview=jpeg;80&channel=a"))
+    assert (status, content_type) == (200, "image/webp")  # as ComfyUI: an alpha preview is always WebP
+    assert Image.open(io.BytesIO(content)).getchannel("A").getpixel((0, 0)) == 77
+
+
 async def upload(server: LiveServer, route: str, content: bytes, name: str, **fields: str) -> tuple[int, Any]:
     form = aiohttp.FormData()
     form.add_field("image", content, filename=name, content_type="image/png")
@@ -216,6 +223,18 @@ def test_malformed_bodies_get_400_with_a_reason(live_server: LiveServer) -> None
     assert run(raw(b"[1, 2]"))[1]["error"]["message"] == "request body must be a JSON object"
     status, answer = run(post_json(live_server, "/prompt", {"prompt": toy_prompt(), "extra_data": [1]}))
     assert (status, answer["error"]["message"]) == (400, "'extra_data' must be a JSON object")
+
+
+def test_a_number_that_is_not_finite_is_refused_and_the_queue_still_answers(live_server: LiveServer) -> None:
+    async def raw(number: str) -> tuple[int, Any]:
+        body = json.dumps({"prompt": toy_prompt()})[:-1] + f', "number": {number}}}'
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{live_server.url}/prompt", data=body) as answer:
+                return answer.status, await answer.json()
+    for number in ("NaN", "Infinity", "1e999"):  # Python's json reads all three; strict JSON clients cannot
+        status, answer = run(raw(number))
+        assert (status, answer["error"]["message"]) == (400, "'number' must be a finite number"), number
+    assert run(get_json(live_server, "/queue")) == (200, {"queue_running": [], "queue_pending": []})
 
 
 def test_the_queue_interleaves_clients_instead_of_serving_a_flood_first(live_server: LiveServer) -> None:
