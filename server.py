@@ -263,10 +263,7 @@ class Server:
         if body.get("client_id") is not None:
             extra_data["client_id"] = str(body["client_id"])
         number = body.get("number")
-        number = float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
-        if number is not None and not math.isfinite(number):
-            # Python's json reads NaN and 1e999; SQLite stores NaN as NULL and browsers cannot parse Infinity.
-            raise JsonError(400, "invalid_prompt", "'number' must be a finite number")
+        number = finite_float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
         try:
             item = self.queue.put(prompt_id or str(uuid.uuid4()), prompt, extra_data, list(validation.outputs),
                                   front=bool(body.get("front")), number=number)
@@ -524,12 +521,33 @@ async def json_body(request: web.Request, allow_empty: bool = False) -> dict[str
     if not raw.strip() and allow_empty:
         return {}
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        body = json.loads(raw, parse_constant=not_json, parse_float=json_float)
+    except (ValueError, UnicodeDecodeError) as problem:  # ValueError: an integer beyond Python's digit limit
         raise JsonError(400, "invalid_json", f"request body is not JSON: {problem}")
     if not isinstance(body, dict):
         raise JsonError(400, "invalid_json", "request body must be a JSON object")
     return body
+
+
+def not_json(constant: str) -> None:
+    # Python's json reads NaN and Infinity, which JSON lacks: once stored, every /queue and /history answer
+    # would carry them and no browser could parse it.
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: read as infinity, written back as Infinity
+        not_json(text)
+    return value
+
+
+def finite_float(number: int | float) -> float:
+    """A prompt's `number` as a float (JSON floats are finite already; json_float saw to that)."""
+    try:
+        return float(number)
+    except OverflowError:  # an integer of hundreds of digits
+        raise JsonError(400, "invalid_prompt", "'number' is too large") from None
 
 
 async def clear_or_delete(request: web.Request, clear: Callable[[], None],
