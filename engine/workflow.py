@@ -191,7 +191,8 @@ def _read_document(source: str | Path | bytes, name: str) -> tuple[WorkflowDocum
     try:
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
         from_png = raw.startswith(PNG_SIGNATURE)
-        texts = png_text_chunks(raw) if from_png else {"prompt": raw.decode("utf-8")}
+        # utf-8-sig: Windows editors start UTF-8 files with a byte order mark, which json.loads refuses.
+        texts = png_text_chunks(raw) if from_png else {"prompt": raw.decode("utf-8-sig")}
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise PromptFormatError([f"{name}: cannot read: {error}"]) from error
     prompt = _json(texts["prompt"], f"{name}: its 'prompt' chunk" if from_png else name) \

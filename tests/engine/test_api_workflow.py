@@ -54,6 +54,13 @@ def test_load_prompt_file_keeps_a_node_whose_id_is_prompt(tmp_path):
     assert load_prompt_file(tmp_path / "wf.json") == raw
 
 
+def test_load_prompt_file_reads_a_json_file_that_starts_with_a_byte_order_mark(tmp_path):
+    prompt = {"1": {"class_type": "Sink", "inputs": {}}}
+    # Windows editors (Notepad, PowerShell's Out-File) save UTF-8 with a BOM; json.loads refuses one.
+    (tmp_path / "wf.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(prompt).encode())
+    assert load_prompt_file(tmp_path / "wf.json") == prompt
+
+
 def test_load_prompt_file_names_a_missing_file(tmp_path):
     with pytest.raises(PromptFormatError, match="cannot read"):
         load_prompt_file(tmp_path / "absent.json")
