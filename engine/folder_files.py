@@ -155,11 +155,17 @@ def _masked_original(settings: RunSettings, original_ref: Any, mask: Any) -> byt
                                 str(reference.get("subfolder") or ""), reference["filename"])
     if not original_path.is_file():
         raise FileNotFoundError(f"original_ref names no file: {reference['filename']!r}")
-    original = _open_image(original_path).convert("RGBA")
+    from PIL.PngImagePlugin import PngInfo
+    original = _open_image(original_path)
+    # As ComfyUI: the copy keeps the original's text chunks, so a masked output still carries its workflow.
+    metadata = PngInfo()
+    for key, value in (getattr(original, "text", None) or {}).items():
+        metadata.add_text(key, value)
+    original = original.convert("RGBA")
     alpha = mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L")
     original.putalpha(alpha.resize(original.size, Image.Resampling.LANCZOS))
     encoded = io.BytesIO()
-    original.save(encoded, "PNG")
+    original.save(encoded, "PNG", pnginfo=metadata)
     return encoded.getvalue()
 
 

@@ -153,6 +153,24 @@ def test_upload_mask_writes_the_masks_alpha_into_a_copy_of_the_original(live_ser
     assert Image.open(live_server.settings.output_dir / "portrait.png").mode == "RGB"  # the original is kept
 
 
+def test_upload_mask_keeps_the_originals_embedded_workflow(live_server: LiveServer) -> None:
+    from PIL.PngImagePlugin import PngInfo
+    texts = {"prompt": '{"1": {"class_type": "Output", "inputs": {"value": 1}}}', "workflow": '{"nodes": []}'}
+    metadata = PngInfo()
+    for key, value in texts.items():
+        metadata.add_text(key, value)
+    encoded = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(encoded, "PNG", pnginfo=metadata)
+    (live_server.settings.output_dir / "saved.png").write_bytes(encoded.getvalue())
+    reference = json.dumps({"filename": "saved.png", "subfolder": "", "type": "output"})
+    status, _ = run(upload(live_server, "/upload/mask", png_bytes((0, 0, 0, 40), (8, 8), mode="RGBA"), "m.png",
+                           original_ref=reference))
+    assert status == 200
+    # As ComfyUI: a masked copy of a saved image can still be dropped on the editor to reopen its workflow.
+    written = Image.open(live_server.settings.input_dir / "m.png")
+    assert written.text == texts
+
+
 def test_upload_mask_needs_a_readable_original(live_server: LiveServer) -> None:
     mask = png_bytes((0, 0, 0, 40), mode="RGBA")
     assert run(upload(live_server, "/upload/mask", mask, "m.png"))[0] == 400
