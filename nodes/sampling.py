@@ -407,7 +407,9 @@ def SplitSigmas(sigmas: Socket("SIGMAS"), step: STEP_INDEX) -> tuple:
 @node(category=f"{CUSTOM_SAMPLING}/sigmas", outputs=[("SIGMAS", "high_sigmas"), ("SIGMAS", "low_sigmas")])
 def SplitSigmasDenoise(sigmas: Socket("SIGMAS"), denoise: DENOISE) -> tuple:
     """Splits so that low_sigmas holds the last round(steps * denoise) steps (a "denoise" for the low part)."""
-    sigmas = _checked_sigmas("SplitSigmasDenoise", sigmas)
+    sigmas = _checked_sigmas("SplitSigmasDenoise", sigmas, allow_empty=True)
+    if sigmas.numel() == 0:
+        return (sigmas, sigmas)  # as ComfyUI: nothing to split, both parts empty
     steps = len(sigmas) - 1
     # At a denoise that rounds to 0 steps ComfyUI returns an empty high part; we keep the whole schedule there.
     split = steps - round(steps * denoise)
@@ -417,8 +419,8 @@ def SplitSigmasDenoise(sigmas: Socket("SIGMAS"), denoise: DENOISE) -> tuple:
 @node(category=f"{CUSTOM_SAMPLING}/sigmas", outputs=[("SIGMAS", "SIGMAS")])
 def FlipSigmas(sigmas: Socket("SIGMAS")) -> tuple:
     """The schedule reversed, from clean to noisy: sampling with it "unsamples" an image back to its noise."""
-    flipped = _checked_sigmas("FlipSigmas", sigmas).flip(0)
-    if flipped[0] == 0.0:
+    flipped = _checked_sigmas("FlipSigmas", sigmas, allow_empty=True).flip(0)
+    if flipped.numel() and flipped[0] == 0.0:
         # A step from sigma 0 would divide by zero; ComfyUI starts at 1e-4 instead.
         flipped[0] = 1e-4
     return (flipped,)

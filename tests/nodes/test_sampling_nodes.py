@@ -334,6 +334,15 @@ def test_split_sigmas_denoise_gives_the_low_part_its_share_of_the_steps():
     assert everything.tolist() == sigmas.tolist() and nothing.tolist() == [0.0]
 
 
+def test_flip_and_split_denoise_pass_an_empty_schedule_through_as_comfyui():
+    # SplitSigmas past the last step gives an empty low part; ComfyUI's FlipSigmas and SplitSigmasDenoise
+    # hand it on (and its samplers then pass the latent through) instead of failing the prompt.
+    _, nothing = SplitSigmas(torch.tensor(NORMAL_10), 20)
+    (flipped,) = FlipSigmas(nothing)
+    high, low = SplitSigmasDenoise(nothing, 0.5)
+    assert flipped.tolist() == [] and high.tolist() == [] and low.tolist() == []
+
+
 # --- the node-built sampler loop ----------------------------------------------------------------------------
 
 
