@@ -55,6 +55,10 @@ def mask_batch(mask: Any, name: str) -> Tensor:
 def check_same_aspect(mask: Tensor, height: int, width: int, name: str, target: str) -> None:
     """A mask may come at another resolution (it is resized), never with another shape of picture: that is
     almost always the wrong mask, which ComfyUI would silently stretch."""
+    if not bool(mask.any()):
+        # An all-zero mask repaints nothing at any size: LoadImage's 64x64 stand-in for a picture without
+        # alpha, which ComfyUI workflows feed to inpainting nodes as they are.
+        return
     mask_height, mask_width = mask.shape[-2:]
     # Allows a pixel of rounding on each side at either resolution (an odd image size cropped to 8s).
     if abs(mask_height * width - height * mask_width) > max(width, mask_width) + max(height, mask_height):

@@ -182,6 +182,11 @@ def test_set_latent_noise_mask_refuses_a_mask_of_another_aspect():
         SetLatentNoiseMask({"samples": torch.zeros(1, 4, 8, 8)}, torch.ones(32, 64))
 
 
+def test_set_latent_noise_mask_takes_loadimages_empty_mask_for_a_picture_without_alpha():
+    (masked,) = SetLatentNoiseMask({"samples": torch.zeros(1, 4, 8, 16)}, torch.zeros(1, 64, 64))
+    assert masked["noise_mask"].shape == (1, 1, 64, 64) and not masked["noise_mask"].any()
+
+
 def test_latent_nodes_refuse_an_empty_batch():
     with pytest.raises(ValueError, match="samples: the latent batch is empty"):
         LatentFromBatch({"samples": torch.zeros(0, 4, 8, 8)}, 0, 1)

@@ -221,7 +221,7 @@ def test_inpaint_encode_takes_a_smaller_mask_of_the_same_aspect(vae, recorded):
 
 def test_inpaint_encode_refuses_a_mask_of_another_shape(vae, recorded):
     with pytest.raises(ValueError, match="mask: the mask is 32x16 but pixels is 32x32"):
-        VAEEncodeForInpaint(_image(1, 32, 32), vae, torch.zeros(1, 16, 32), 6, context=recorded[0])
+        VAEEncodeForInpaint(_image(1, 32, 32), vae, torch.ones(1, 16, 32), 6, context=recorded[0])
 
 
 def test_inpaint_encode_refuses_a_mask_batch_that_does_not_fit(vae, recorded):
