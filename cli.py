@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -320,8 +321,8 @@ def cache_of_size(size: str) -> ResultCache:
         amount = float(text[:len(text) - len(unit)])
     except ValueError:
         raise UsageError(f"--cache-size {size!r}: expected a size such as 8G, 512M or 0") from None
-    if amount < 0:
-        raise UsageError(f"--cache-size {size!r} must not be negative")
+    if not math.isfinite(amount) or amount < 0:
+        raise UsageError(f"--cache-size {size!r} must be a finite size, not negative")
     budget = int(amount * SIZE_UNITS[unit])
     return ResultCache(max_entries=0) if budget == 0 else ResultCache(max_entries=None, max_bytes=budget)
 

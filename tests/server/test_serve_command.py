@@ -99,6 +99,9 @@ def test_cache_sizes_read_as_binary_units_and_zero_turns_caching_off() -> None:
     assert cli.cache_of_size("0").max_entries == 0
     with pytest.raises(cli.UsageError, match="expected a size such as 8G"):
         cli.cache_of_size("lots")
+    for endless in ("nan", "inf", "-1G"):
+        with pytest.raises(cli.UsageError, match="must be a finite size, not negative"):
+            cli.cache_of_size(endless)
 
 
 def test_run_and_validate_take_every_models_dir_too(tmp_path: Path) -> None:
