@@ -76,11 +76,13 @@ class LoadedCheckpoint:
     family: str
     variant: str
     unet: UNetModel
-    vae: AutoencoderKL
-    text_encoder: ClipTextEncoder
+    #: None when a single file carries no weights for it (a "UNet + text encoder only" or "no VAE" file):
+    #: as in ComfyUI the loader still loads the rest, and the user adds a VAELoader / CLIPLoader.
+    vae: AutoencoderKL | None
+    text_encoder: ClipTextEncoder | None
     unet_config: UNetConfig
-    vae_config: VAEConfig
-    text_config: TextEncoderConfig
+    vae_config: VAEConfig | None
+    text_config: TextEncoderConfig | None
     prediction: str
     prediction_source: str
     zsnr: bool
@@ -236,15 +238,20 @@ def _load_single_file(
         override=prediction,
     )
     unet = UNetModel(unet_config, device="meta")
-    vae = AutoencoderKL(vae_config, device="meta")
     load = dict(dtype=dtype, device=device)
     assign_weights(unet, source, identity_names(unet.state_dict(), UNET_PREFIX), what="UNet", **load)
-    assign_weights(vae, source, identity_names(vae.state_dict(), VAE_PREFIX), what="VAE", **load)
-    open_clip_prefix = found.text_prefix if found.family == "sd2" else None
-    text_encoder = load_text_encoder(
-        text_config, source, text_names, open_clip_prefix=open_clip_prefix, dtype=dtype, device=device
-    )
-    used = {UNET_PREFIX + k for k in unet.state_dict()} | {VAE_PREFIX + k for k in vae.state_dict()}
+    used = {UNET_PREFIX + k for k in unet.state_dict()}
+    vae = None
+    if vae_config is not None:
+        vae = AutoencoderKL(vae_config, device="meta")
+        assign_weights(vae, source, identity_names(vae.state_dict(), VAE_PREFIX), what="VAE", **load)
+        used |= {VAE_PREFIX + k for k in vae.state_dict()}
+    text_encoder = None
+    if text_config is not None:
+        open_clip_prefix = found.text_prefix if found.family == "sd2" else None
+        text_encoder = load_text_encoder(
+            text_config, source, text_names, open_clip_prefix=open_clip_prefix, dtype=dtype, device=device
+        )
     used |= set(text_names.values())
     prefixes = (UNET_PREFIX, VAE_PREFIX, found.text_prefix)
     check_unexpected(shapes, used, prefixes, source.description)
@@ -279,12 +286,14 @@ def _single_file_configs(
     text_names: Mapping[str, str],
     overrides: HeadOverrides,
     source: TensorSource,
-) -> tuple[UNetConfig, VAEConfig, TextEncoderConfig]:
+) -> tuple[UNetConfig, VAEConfig | None, TextEncoderConfig | None]:
     where = source.description
     try:
         unet_config = detection.unet_config_from_shapes(strip_prefix(shapes, UNET_PREFIX), found.family, overrides)
         vae_shapes = strip_prefix(shapes, VAE_PREFIX)
-        vae_config = detection.vae_config_from_shapes(vae_shapes, num_groups=overrides.num_groups or 32)
+        vae_config = None
+        if vae_shapes:
+            vae_config = detection.vae_config_from_shapes(vae_shapes, num_groups=overrides.num_groups or 32)
     except ValueError as error:  # CheckpointError, or a config refusing the widths found (GroupNorm groups)
         raise CheckpointError(f"{where}: {error}") from None
     try:
@@ -295,6 +304,8 @@ def _single_file_configs(
         raise CheckpointError(f"{where}: UNet: {error} ({_HEADS_HINT})") from None
     # The file's own names and shapes (open_clip for SD2): the config reader knows both namings.
     text_shapes = {key[len(found.text_prefix):]: shapes[key] for key in set(text_names.values())}
+    if not text_shapes:
+        return unet_config, vae_config, None
     try:
         text_config = text_encoder_config_from_state_dict(
             text_shapes, base=TEXT_BASES[found.family], num_heads=overrides.text_num_heads

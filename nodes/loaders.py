@@ -207,16 +207,24 @@ def clip_handle(encoder: ClipTextEncoder, settings: RunSettings) -> ClipHandle:
     return ClipHandle(SDTextEncoder(encoder, embeddings=embeddings_lookup(settings)))
 
 
-def handles_from(loaded: LoadedCheckpoint, settings: RunSettings) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+def handles_from(
+    loaded: LoadedCheckpoint, settings: RunSettings
+) -> tuple[ModelHandle, ClipHandle | None, VaeHandle | None]:
+    """MODEL, CLIP, VAE of a loaded checkpoint; CLIP or VAE is None when the file has no weights for it
+    (as ComfyUI: the nodes that need one say so and name a loader to add)."""
     sampling = DiscreteModelSampling(DiscreteConfig(prediction=loaded.prediction, zero_terminal_snr=loaded.zsnr))
+    vae = loaded.vae
+    # Without a VAE the family's own latent space still holds (SD1 and SD2 share the KL VAE's scale).
+    latent_format = vae.latent_format if vae is not None else LatentFormat(SD_VAE.scale_factor, SD_VAE.shift_factor)
     model = ModelHandle(
-        unet=loaded.unet, model_sampling=sampling, latent_format=loaded.vae.latent_format, family=loaded.family,
-        preview_factors=preview_factors_for(loaded.vae, settings),
+        unet=loaded.unet, model_sampling=sampling, latent_format=latent_format, family=loaded.family,
+        preview_factors=preview_factors_for(vae, settings) if vae is not None else None,
     )
-    if model.concat_channels:
-        with model_manager(settings).use(loaded.vae):
-            model = replace(model, inpaint_blank_latent=grey_image_latent(loaded.vae))
-    return model, clip_handle(loaded.text_encoder, settings), VaeHandle(loaded.vae)
+    if model.concat_channels and vae is not None:
+        with model_manager(settings).use(vae):
+            model = replace(model, inpaint_blank_latent=grey_image_latent(vae))
+    clip = clip_handle(loaded.text_encoder, settings) if loaded.text_encoder is not None else None
+    return model, clip, VaeHandle(vae) if vae is not None else None
 
 
 def load_checkpoint_handles(

@@ -257,3 +257,19 @@ def test_unet_loader_reads_a_diffusers_named_unet_file(family, fresh_settings, m
     reference = (sd1_handles if family == "sd1" else sd2_handles)[0]
     assert model.unet.config == reference.unet.config
     assert _same_weights(model.unet, reference.unet)
+
+
+@pytest.mark.parametrize(("dropped", "missing"), [("first_stage_model.", 2), ("cond_stage_model.", 1)])
+def test_a_checkpoint_without_a_vae_or_text_encoder_loads_the_rest_and_gives_none(
+        dropped, missing, fresh_settings, make_context, sd1_handles):
+    path = write_tiny_checkpoint(_folder(fresh_settings, "checkpoints") / "full.safetensors", "sd1")
+    with safe_open(str(path), "pt") as opened:
+        kept = {key: opened.get_tensor(key) for key in opened.keys() if not key.startswith(dropped)}
+        metadata = opened.metadata()
+    save_file(kept, str(path.with_name("partial.safetensors")), metadata=metadata)
+    outputs = CheckpointLoaderSimple("partial.safetensors", context=make_context(fresh_settings))
+    assert outputs[missing] is None
+    assert _same_weights(outputs[0].unet, sd1_handles[0].unet)
+    # The UNet's latent space is the family's even without the VAE that usually carries it.
+    assert outputs[0].latent_format == sd1_handles[0].latent_format
+    assert all(output is not None for index, output in enumerate(outputs) if index != missing)
