@@ -29,6 +29,15 @@ describe("run state from websocket events", () => {
     expect(useRun.getState().status).toBe("done");
   });
 
+  it("keeps the error dialog and node error when the POST answer arrives after a fast failure", () => {
+    send("execution_start", { prompt_id: "p4" });
+    send("execution_error", { prompt_id: "p4", node_id: "2", node_type: "Fail", exception_type: "RuntimeError",
+      exception_message: "it broke", traceback: [] });
+    useRun.getState().queued("p4");
+    const state = useRun.getState();
+    expect([state.status, state.failure?.message, state.problems["2"]?.length]).toEqual(["failed", "it broke", 1]);
+  });
+
   it("puts an execution error on its node", () => {
     send("execution_start", { prompt_id: "p3" });
     send("execution_error", { prompt_id: "p3", node_id: "7", node_type: "Fail", exception_type: "RuntimeError",

@@ -75,10 +75,16 @@ export const useRun = create<RunState>((set, get) => ({
 
   setConnected: (open) => set({ connected: open }),
 
-  queued: (promptId, nodeErrors = {}) => set((s) => ({
-    status: s.started.includes(promptId) || s.status === "running" ? s.status : "queued",
-    problems: problemsFrom(nodeErrors), failure: null,
-    message: null, promptId: s.status === "running" ? s.promptId : promptId, queueVersion: s.queueVersion + 1 })),
+  queued: (promptId, nodeErrors = {}) => set((s) => {
+    // A fast prompt may have run, even failed, before this answer arrived: keep what its events said.
+    const ran = s.started.includes(promptId);
+    return {
+      status: ran || s.status === "running" ? s.status : "queued",
+      problems: ran ? { ...problemsFrom(nodeErrors), ...s.problems } : problemsFrom(nodeErrors),
+      failure: ran ? s.failure : null,
+      message: null, promptId: s.status === "running" ? s.promptId : promptId, queueVersion: s.queueVersion + 1,
+    };
+  }),
 
   rejected: (message, nodeErrors, local = {}) => set({ status: "invalid", message, problems: { ...problemsFrom(nodeErrors), ...local } }),
 
