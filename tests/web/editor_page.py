@@ -66,7 +66,13 @@ def drop_file(page: Any, data: bytes, name: str, mime: str) -> None:
 
 
 def drop_json(page: Any, value: Any, name: str = "workflow.json") -> None:
+    """Drop a workflow JSON on the canvas and, for a UI-format one, wait until its nodes are on it: the
+    browser reads a dropped file asynchronously, so a test reading the graph at once may see the old one."""
     drop_file(page, json.dumps(value).encode(), name, "application/json")
+    if isinstance(value, dict) and isinstance(value.get("nodes"), list):
+        ids = sorted(str(entry["id"]) for entry in value["nodes"])
+        page.wait_for_function("ids => ids.every(id => window.sdgraph.nodes().some(n => String(n.id) === id))",
+                               arg=ids)
 
 
 def ui_workflow(nodes: list[dict], links: list[list]) -> dict:
