@@ -14,7 +14,7 @@ import random
 import re
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -205,6 +205,34 @@ def next_file_counter(folder: Path, filename: str) -> int:
     return max(counters, default=0) + 1
 
 
+def output_location(root: Path, expanded_prefix: str) -> tuple[Path, str, str]:
+    """(folder, subfolder, file name stem) that an expanded filename_prefix names under `root`; the folder is
+    created. A prefix leading outside `root` is a ValueError naming filename_prefix."""
+    relative = PurePosixPath(expanded_prefix.replace("\\", "/"))
+    subfolder = "" if str(relative.parent) == "." else str(relative.parent)
+    try:
+        folder = resolve_inside(root, subfolder or ".")
+    except UnsafePathError as problem:
+        raise ValueError(f"filename_prefix: {problem}; it must name a file inside the output folder") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, subfolder, relative.name if relative.name != "." else ""
+
+
+def write_new_file(folder: Path, name_for: Callable[[int], str], counter: int,
+                   write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+    """Write a file that did not exist, named `name_for(counter)` with the counter moved past names taken in
+    the meantime (another run may be saving too: nothing is ever overwritten); (name, next counter)."""
+    while True:
+        name = name_for(counter)
+        counter += 1
+        try:
+            with open(folder / name, "xb") as target:
+                write(target)
+            return name, counter
+        except FileExistsError:
+            continue
+
+
 def save_images(images: Any, root: Path, prefix: str, folder_type: str, compress_level: int, prompt: Any,
                 extra_pnginfo: Any) -> list[dict[str, str]]:
     """Write each image as `{prefix}_{counter:05}_.png` under `root` (the prefix may name sub-folders) with
@@ -212,28 +240,16 @@ def save_images(images: Any, root: Path, prefix: str, folder_type: str, compress
     batch = image_batch(images, "images")
     height, width = batch.shape[1:3]
     expanded = expand_filename_prefix(prefix, width=width, height=height, prompt=prompt)
-    relative = PurePosixPath(expanded.replace("\\", "/"))
-    subfolder = "" if str(relative.parent) == "." else str(relative.parent)
-    try:
-        folder = resolve_inside(root, subfolder or ".")
-    except UnsafePathError as problem:
-        raise ValueError(f"filename_prefix: {problem}; it must name a file inside the output folder") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    filename = relative.name if relative.name != "." else ""
+    folder, subfolder, filename = output_location(root, expanded)
     metadata = _metadata(prompt, extra_pnginfo)
     counter = next_file_counter(folder, filename)
     saved = []
     for batch_number, image in enumerate(batch):
         picture = _pixels(image)
-        while True:
-            name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-            counter += 1
-            try:
-                with open(folder / name, "xb") as target:  # never overwrite: another run may be saving too
-                    picture.save(target, "PNG", pnginfo=metadata, compress_level=compress_level)
-                break
-            except FileExistsError:
-                continue
+        stem = filename.replace("%batch_num%", str(batch_number))
+        name, counter = write_new_file(
+            folder, lambda number: f"{stem}_{number:05}_.png", counter,
+            lambda target: picture.save(target, "PNG", pnginfo=metadata, compress_level=compress_level))
         saved.append({"filename": name, "subfolder": subfolder, "type": folder_type})
     return saved
 

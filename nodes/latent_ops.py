@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import PurePosixPath
 from typing import Any, Mapping
 
 import safetensors
@@ -22,7 +21,8 @@ from torch import Tensor
 
 from engine import Combo, ExecutionContext, Float, Hidden, Int, NodeResult, RunSettings, Socket, String, node
 from engine.paths import UnsafePathError, list_files, resolve_inside
-from nodes.image import check_filename_prefix, next_file_counter, expand_filename_prefix, repeat_to_batch
+from nodes.image import (check_filename_prefix, expand_filename_prefix, next_file_counter, output_location,
+                         repeat_to_batch, write_new_file)
 from nodes.latent import LATENT_SCALE, MAX_RESOLUTION, latent_samples, upscale_samples
 
 ROTATIONS = ["none", "90 degrees", "180 degrees", "270 degrees"]
@@ -217,26 +217,11 @@ def SaveLatent(samples: Socket("LATENT"), filename_prefix: String("latents/Comfy
     tensor = latent_samples(samples, "samples")
     root = context.settings.output_dir
     expanded = expand_filename_prefix(filename_prefix, width=0, height=0, prompt=prompt)
-    relative = PurePosixPath(expanded.replace("\\", "/"))
-    subfolder = "" if str(relative.parent) == "." else str(relative.parent)
-    try:
-        folder = resolve_inside(root, subfolder or ".")
-    except UnsafePathError as problem:
-        raise ValueError(f"filename_prefix: {problem}; it must name a file inside the output folder") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    filename = relative.name if relative.name != "." else ""
+    folder, subfolder, filename = output_location(root, expanded)
     tensors = {"latent_tensor": tensor.detach().cpu().contiguous(), FORMAT_VERSION_KEY: torch.tensor([])}
     content = safetensors.torch.save(tensors, metadata=_safetensors_metadata(prompt, extra_pnginfo))
-    counter = next_file_counter(folder, filename)
-    while True:
-        name = f"{filename}_{counter:05}_{LATENT_EXTENSION}"
-        counter += 1
-        try:
-            with open(folder / name, "xb") as target:  # never overwrite: another run may be saving too
-                target.write(content)
-            break
-        except FileExistsError:
-            continue
+    name, _ = write_new_file(folder, lambda number: f"{filename}_{number:05}_{LATENT_EXTENSION}",
+                             next_file_counter(folder, filename), lambda target: target.write(content))
     return NodeResult(ui={"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]})
 
 
